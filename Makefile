@@ -1,0 +1,50 @@
+# virtuplex: every target that needs the environment depends on `install`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.install.stamp
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+SYNTH_DIR ?= data/synthetic
+ROSIE_CONFIG ?= experiments/configs/rosie/synthetic.yaml
+VIRTUES_CONFIG ?= experiments/configs/virtues/synthetic.yaml
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-slow exp-rosie exp-virtues bench data-synthetic clean
+
+install: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes: a second `make install` does nothing.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PINS)
+	$(PIP) install -e '.[dev]'
+	$(PY) -c "import torch, torchvision, timm, zarr, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'zarr', zarr.__version__)"
+	touch $(STAMP)
+
+# pytest exits 5 when nothing is collected: not a failure of the project.
+test: install
+	$(PY) -m pytest -q -n 2 --timeout 900; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --timeout 3600
+
+data-synthetic: install
+	@if [ -f $(SYNTH_DIR)/.complete ]; then echo "synthetic dataset present: $(SYNTH_DIR)"; else \
+	  $(PY) -m datamodules.synthetic --out $(SYNTH_DIR) --tissues 12 --size 512 --seed 0; fi
+
+exp-rosie: install data-synthetic
+	$(PY) -m experiments.rosie_experiment --config $(ROSIE_CONFIG) --data $(SYNTH_DIR)
+
+exp-virtues: install data-synthetic
+	$(PY) -m experiments.virtues_experiment --config $(VIRTUES_CONFIG) --data $(SYNTH_DIR)
+
+bench: install
+	$(PY) -m benchmarks.datamodules_throughput
+
+clean:
+	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache data/synthetic
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
