@@ -1,0 +1,27 @@
+"""Shared fixtures: the real data folder (`../shared`) and a small synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("VIRTUPLEX_SHARED", REPO.parent / "shared"))
+
+
+def shared_data(name: str) -> Path:
+    """Path to a real dataset in ../shared/data, or skip the test with the reason."""
+    path = shared_dir() / "data" / name
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (../shared not checked out beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def imc_example() -> Path:
+    return shared_data("imc_example")
