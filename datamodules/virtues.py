@@ -19,7 +19,6 @@ the packed (variable-length) attention consumes: no channel padding is ever mate
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from datamodules import layout
 from datamodules.preprocess import MultiplexPreprocessor
 from datamodules.sampling import StoreCache, read_padded, sample_subimages
 from datamodules.store import DatasetStore, StoreError
+from lightning_modules.components.virtues.masking import channel_dropout, independent_mask
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +49,6 @@ class VirTuesTissue:
     stds: np.ndarray
     corners: np.ndarray  # (K,2) top-left corners of sub-images (random) or tiles (tiles)
     shape: tuple[int, int]
-
-
-def independent_mask(n_channels: int, grid: tuple[int, int], ratio_range: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
-    """Per channel r ~ U(range) and exactly ceil(r·h·w) masked cells (True = masked)."""
-    h, w = grid
-    n = h * w
-    ratios = rng.uniform(*ratio_range, size=n_channels)
-    counts = np.minimum(np.ceil(ratios * n).astype(int), n)
-    order = np.argsort(rng.random((n_channels, n)), axis=1)
-    mask = order < counts[:, None]
-    return mask.reshape(n_channels, h, w)
-
-
-def channel_dropout(n_channels: int, max_drop: float, rng: np.random.Generator) -> np.ndarray:
-    """Indices of kept channels: ceil(C·U(1-max_drop, 1)) drawn without replacement, random order."""
-    keep = max(1, math.ceil(n_channels * rng.uniform(1.0 - max_drop, 1.0))) if max_drop > 0 else n_channels
-    return rng.permutation(n_channels)[:keep] if max_drop > 0 else np.arange(n_channels)
 
 
 def dihedral(crop: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -100,26 +83,31 @@ class VirTuesCropDataset(Dataset):
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng(int(torch.randint(2**62, (1,))))  # seeded per worker/epoch by the loader
+        seed = int(torch.randint(2**62, (1,)))  # torch's RNG is seeded per worker and epoch by the loader
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
         t = int(np.searchsorted(self.offsets, index, side="right") - 1)
         tissue = self.tissues[t]
         y, x = (int(v) for v in tissue.corners[index - self.offsets[t]])
-        if self.subimage_size > self.crop_size:
-            span = self.subimage_size - self.crop_size
-            y, x = y + int(rng.integers(0, span + 1)), x + int(rng.integers(0, span + 1))
+        if self.subimage_size > self.crop_size:  # random crop inside the sub-image (and inside the image)
+            h, w = tissue.shape
+            span_y = max(0, min(self.subimage_size, h - y) - self.crop_size)
+            span_x = max(0, min(self.subimage_size, w - x) - self.crop_size)
+            y, x = y + int(rng.integers(0, span_y + 1)), x + int(rng.integers(0, span_x + 1))
         image = self.cache.image(tissue.root, tissue.modality, tissue.tissue_id, tissue.mpp)
         crop = read_padded(image, y, x, self.crop_size, self.crop_size, tissue.channel_index.tolist(), fill=0)
         crop = self.preprocessors[t](crop.astype(np.float32))
         marker_ids = tissue.marker_ids
         if self.augment:
             crop = dihedral(crop, int(rng.integers(4)), bool(rng.random() < 0.5))
-            keep = channel_dropout(len(marker_ids), self.channel_dropout, rng)
-            crop, marker_ids = crop[keep], marker_ids[keep]
+            if self.channel_dropout > 0:
+                keep = channel_dropout(len(marker_ids), (1.0 - self.channel_dropout, 1.0), gen).numpy()
+                crop, marker_ids = crop[keep], marker_ids[keep]
         grid = (self.crop_size // self.patch_size, self.crop_size // self.patch_size)
         item = {"image": torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32)),
                 "marker_ids": torch.from_numpy(np.asarray(marker_ids, dtype=np.int64))}
         if self.masking:
-            item["mask"] = torch.from_numpy(independent_mask(len(marker_ids), grid, self.mask_ratio, rng))
+            item["mask"] = independent_mask(len(marker_ids), *grid, self.mask_ratio, gen)
         return item
 
 
@@ -270,7 +258,7 @@ class VirTuesDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
         return DataLoader(self.dataset(split, train), batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          collate_fn=collate_ragged, persistent_workers=hp.num_workers > 0, drop_last=train,
+                          collate_fn=collate_ragged, persistent_workers=hp.num_workers > 0,
                           generator=torch.Generator().manual_seed(hp.seed) if train else None)
 
     def train_dataloader(self) -> DataLoader:

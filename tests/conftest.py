@@ -25,3 +25,11 @@ def shared_data(name: str) -> Path:
 @pytest.fixture(scope="session")
 def imc_example() -> Path:
     return shared_data("imc_example")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 synthetic tissues of 256×256 px (train 2 / val 1 / test 1), generated once per worker."""
+    from datamodules.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synthetic") / "synth", n_tissues=4, size=256, seed=0, progress=False)

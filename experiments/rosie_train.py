@@ -1,0 +1,38 @@
+"""`python -m experiments.rosie_train fit|validate|test|predict --config experiments/configs/rosie/<name>.yaml`
+
+LightningCLI over :class:`RosieModule` and :class:`RosieDataModule`. The output panel is declared
+once, in the data section (`data.marker_names`, default ROSIE's 50 markers), and linked into the model
+together with the per-marker target scales, so a checkpoint always knows its markers and units.
+"""
+
+from __future__ import annotations
+
+import experiments.cli  # noqa: F401  (W&B offline by default)
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.markers import ROSIE_PANEL
+from datamodules.rosie import RosieDataModule
+from lightning_modules.rosie import RosieModule
+
+
+def panel(names: list[str] | None) -> list[str]:
+    return list(names or ROSIE_PANEL)
+
+
+def panel_size(names: list[str] | None) -> int:
+    return len(panel(names))
+
+
+class RosieCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        parser.link_arguments("data.marker_names", "model.marker_names", compute_fn=panel)
+        parser.link_arguments("data.marker_names", "model.num_markers", compute_fn=panel_size)
+
+
+def main(args: list[str] | None = None) -> RosieCLI:
+    return RosieCLI(RosieModule, RosieDataModule, args=args, seed_everything_default=0,
+                    save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()
