@@ -177,9 +177,11 @@ class RosieDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # the panel is the model's hyperparameter (linked by the CLI); kept out of ours to avoid a clash
+        self.save_hyperparameters(ignore=["marker_names"])
+        marker_names = list(marker_names or ROSIE_PANEL)
         self.data_dirs = [str(d) for d in data_dirs]
-        self.marker_names = list(marker_names or ROSIE_PANEL)
+        self.marker_names = marker_names
         self.tissues: dict[str, list[RosieTissue]] = {}
         self.marker_scales: np.ndarray | None = None
 

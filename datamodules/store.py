@@ -632,7 +632,7 @@ class DatasetWriter:
     def update_channels_per_tissue(self, modality: str, rows: pd.DataFrame) -> None:
         old = self._read_parquet(layout.channels_per_tissue_path(modality))
         new = rows if old is None else pd.concat([old.drop(index=[i for i in rows.index if i in old.index]), rows])
-        self.write_channels_per_tissue(modality, new.fillna(False).astype(bool))
+        self.write_channels_per_tissue(modality, new.where(new.notna(), False).astype(bool))
 
     def write_tissue_mask(self, tissue_id: str, mpp: float, mask: np.ndarray) -> None:
         self._write_npz(layout.tissue_mask_path(mpp, tissue_id), np.asarray(mask).astype(bool))
