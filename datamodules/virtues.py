@@ -163,6 +163,7 @@ class VirTuesDataModule(L.LightningDataModule):
         modality: str = "imc",
         mpp: float | None = None,
         crop_size: int = 128,
+        patch_size: int = 8,
         subimage_size: int = 256,
         sampling: str = "random",
         min_tissue_fraction: float = 0.3,
@@ -252,7 +253,7 @@ class VirTuesDataModule(L.LightningDataModule):
 
     def dataset(self, split: str, train: bool) -> VirTuesCropDataset:
         hp = self.hparams
-        return VirTuesCropDataset(self.tissues[split], hp.crop_size, hp.subimage_size, hp.sampling, augment=train,
+        return VirTuesCropDataset(self.tissues[split], hp.crop_size, hp.subimage_size, hp.sampling, hp.patch_size, augment=train,
                                   mask_ratio=hp.mask_ratio, channel_dropout=hp.channel_dropout if train else 0.0, blur=hp.blur)
 
     def _loader(self, split: str, train: bool) -> DataLoader:

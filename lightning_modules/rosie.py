@@ -1,0 +1,228 @@
+"""ROSIE LightningModule: H&E patch -> mean expression of the centre 8x8 px for every marker.
+
+Paper Methods ("Training details"): ConvNeXt-Small from ImageNet, masked MSE over the markers a
+study actually stained, Adam lr 1e-4 halved every 30 k iterations, validation by Pearson R across
+patches (early stopping monitors it) and SSIM on stitched samples.  The network lives in
+``components.rosie_backbone``; this file only wires loss, optimiser and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from lightning_modules.components.rosie_backbone import (
+    RosieInputAdapter,
+    build_rosie_regressor,
+    load_official_rosie_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over present (patch, marker) entries only.
+
+    ``torch.where`` (not a multiplication) so NaN/inf targets at absent markers cannot leak into
+    the loss or its gradient.
+    """
+    present = present.bool()
+    diff = torch.where(present, pred - target, torch.zeros_like(pred))
+    return diff.pow(2).sum() / present.sum().clamp(min=1)
+
+
+class MaskedPearson(Metric):
+    """Per-marker Pearson R across patches, skipping absent entries.
+
+    Keeps float64 running sums as metric states (reduced by summation), so the result is exact
+    under DDP and over any number of batches.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, num_outputs: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
+            self.add_state(name, default=torch.zeros(num_outputs, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> None:
+        m = (present.bool() & torch.isfinite(target) & torch.isfinite(pred)).to(torch.float64)
+        x = torch.where(m > 0, pred.detach().to(torch.float64), 0.0)
+        y = torch.where(m > 0, target.detach().to(torch.float64), 0.0)
+        self.n += m.sum(0)
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += (x * x).sum(0)
+        self.syy += (y * y).sum(0)
+        self.sxy += (x * y).sum(0)
+
+    def compute(self) -> torch.Tensor:
+        """(M,) Pearson R; NaN where a marker has < 2 entries or no variance."""
+        n = self.n
+        cov = n * self.sxy - self.sx * self.sy
+        vx = n * self.sxx - self.sx**2
+        vy = n * self.syy - self.sy**2
+        denom = torch.sqrt(vx.clamp(min=0) * vy.clamp(min=0))
+        ok = (n >= 2) & (denom > 0)
+        return torch.where(ok, cov / torch.where(ok, denom, 1.0), torch.full_like(n, float("nan")))
+
+
+class RosieModule(L.LightningModule):
+    """ConvNeXt regressor of per-marker patch expression.
+
+    Batches (dataloader 0): ``{"image": (B,3,H,W) normalised float, "target": (B,M), "present":
+    (B,M) bool}``.  Optional validation dataloader 1 gives whole stitched samples:
+    ``{"tissue_id", "patches": (N,3,H,W), "grid_shape": (h,w), "target_image": (M,h,w)}``.
+
+    ``official_checkpoint``: the authors' released weights (needs ``arch='convnext_small'`` and 50
+    markers); use ``input_resize=224`` with it, as the official inference does.
+    """
+
+    def __init__(
+        self,
+        arch: str = "convnext_small",
+        num_markers: int = 50,
+        marker_names: Sequence[str] | None = None,
+        pretrained_path: str | None = None,
+        lr: float = 1e-4,
+        lr_halve_every_steps: int = 30_000,
+        input_resize: int | None = None,
+        backbone: str = "timm",
+        official_checkpoint: str | None = None,
+        stitch_chunk_size: int = 256,
+    ) -> None:
+        super().__init__()
+        marker_names = list(marker_names) if marker_names is not None else [f"marker_{i}" for i in range(num_markers)]
+        if len(marker_names) != num_markers:
+            raise ValueError(f"RosieModule: marker_names has {len(marker_names)} names but num_markers={num_markers}")
+        self.save_hyperparameters()
+        self.marker_names = marker_names
+        if official_checkpoint is not None:
+            if pretrained_path is not None:
+                log.warning("RosieModule: official_checkpoint given, ignoring pretrained_path=%s", pretrained_path)
+            self.backbone = load_official_rosie_checkpoint(official_checkpoint, backbone=backbone, arch=arch)
+            n_out = _num_outputs(self.backbone)
+            if n_out != num_markers:
+                raise ValueError(f"official_checkpoint {official_checkpoint} predicts {n_out} markers but num_markers={num_markers}")
+        else:
+            self.backbone = build_rosie_regressor(arch, num_markers, pretrained_path, backbone)
+        self.adapter = RosieInputAdapter(resize_to=input_resize) if input_resize else nn.Identity()
+        self.val_pearson = MaskedPearson(num_markers)
+        self.val_ssim = MeanMetric()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.adapter(image))
+
+    # -------------------------------------------------------------- train
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pred = self(batch["image"])
+        loss = masked_mse(pred, batch["target"], batch["present"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=pred.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.hparams.lr_halve_every_steps, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 1:
+            self._stitched_ssim_step(batch)
+            return
+        pred = self(batch["image"])
+        loss = masked_mse(pred, batch["target"], batch["present"])
+        self.log("val/loss", loss, batch_size=pred.shape[0], sync_dist=True, add_dataloader_idx=False)
+        self.val_pearson.update(pred, batch["target"], batch["present"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_pearson.update_called:
+            r = self.val_pearson.compute()
+            finite = torch.isfinite(r)
+            mean_r = r[finite].mean() if finite.any() else torch.zeros((), dtype=r.dtype, device=r.device)
+            if not finite.any():
+                log.warning("val/pearson_r: no marker had >= 2 present patches with variance; logging 0")
+            self.log("val/pearson_r", mean_r.float(), prog_bar=True, add_dataloader_idx=False)
+            for name, value in zip(self.marker_names, r.tolist()):
+                if math.isfinite(value):
+                    self.log(f"val_marker/pearson_r/{name}", value, add_dataloader_idx=False)
+            self.val_pearson.reset()
+        if self.val_ssim.update_called:
+            self.log("val/ssim", self.val_ssim.compute(), prog_bar=True, add_dataloader_idx=False)
+            self.val_ssim.reset()
+
+    @staticmethod
+    def _unbatch(batch: dict) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """Accept the stitched sample with or without a leading batch dimension of 1."""
+        patches, target = batch["patches"], batch["target_image"]
+        if patches.ndim == 5:
+            if patches.shape[0] != 1:
+                raise ValueError("stitched validation loader: use batch_size=1 (one tissue per batch)")
+            patches, target = patches[0], target[0]
+        gs = batch["grid_shape"]
+        if isinstance(gs, torch.Tensor):
+            gs = gs.reshape(-1).tolist()
+        else:
+            gs = [int(g.reshape(-1)[0]) if isinstance(g, torch.Tensor) else int(g) for g in gs]
+        h, w = int(gs[0]), int(gs[1])
+        if patches.shape[0] != h * w:
+            raise ValueError(f"stitched sample {batch.get('tissue_id')}: {patches.shape[0]} patches but grid_shape {h}x{w}")
+        return patches, (h, w), target
+
+    def _stitched_ssim_step(self, batch: dict) -> None:
+        patches, (h, w), target = self._unbatch(batch)
+        chunk = self.hparams.stitch_chunk_size
+        pred = torch.cat([self(patches[i : i + chunk]) for i in range(0, patches.shape[0], chunk)])
+        pred_image = pred.T.reshape(pred.shape[1], h, w).float()
+        ssim = stitched_ssim(pred_image, target.float())
+        if ssim is not None:
+            self.val_ssim.update(ssim)
+
+    # -------------------------------------------------------------- predict
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        image = batch["image"] if isinstance(batch, dict) else batch
+        return self(image)
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Output width of the final Linear layer (the regression head)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return int(last.out_features)
+
+
+def stitched_ssim(pred_image: torch.Tensor, target_image: torch.Tensor) -> torch.Tensor | None:
+    """Mean SSIM over markers of a stitched (M,h,w) prediction against the measurement.
+
+    Per marker, the data range is the measured image's max - min (the paper does not say; a fixed
+    range would let bright markers dominate).  Markers with non-finite or constant measurements are
+    skipped; the Gaussian window shrinks for samples smaller than 11 px.  ``None`` if nothing is
+    scoreable.
+    """
+    h, w = target_image.shape[-2:]
+    k = min(11, h, w)
+    k = k if k % 2 == 1 else k - 1
+    if k < 3:
+        return None
+    values = []
+    for c in range(target_image.shape[0]):
+        t = target_image[c]
+        if not torch.isfinite(t).all():
+            continue
+        rng = float(t.max() - t.min())
+        if rng <= 0:
+            continue
+        values.append(
+            structural_similarity_index_measure(
+                pred_image[c][None, None], t[None, None], data_range=rng, kernel_size=k, sigma=1.5 * k / 11
+            )
+        )
+    return torch.stack(values).mean() if values else None
