@@ -183,7 +183,17 @@ class RosieDataModule(L.LightningDataModule):
         self.data_dirs = [str(d) for d in data_dirs]
         self.marker_names = marker_names
         self.tissues: dict[str, list[RosieTissue]] = {}
-        self.marker_scales: np.ndarray | None = None
+        self._scales: dict[str, np.ndarray] = {}
+
+    @property
+    def target_scales(self) -> list[float]:
+        """Per-marker divisors of the first dataset: predictions × these = measured units."""
+        root = self.data_dirs[0]
+        if root not in self._scales:
+            store = DatasetStore(root)
+            names = [str(n) for n in store.channels(self.hparams.target_modality)["channel_name"]]
+            self._scales[root] = self._marker_scales(store, match_markers(self.marker_names, names))
+        return [float(v) for v in self._scales[root]]
 
     # -- building the tissue index ---------------------------------------------------------
     def _load_tissue(self, store: DatasetStore, tissue_id: str, mapping: dict[str, str], scales: np.ndarray) -> RosieTissue:
@@ -244,8 +254,9 @@ class RosieDataModule(L.LightningDataModule):
             mapping = match_markers(self.marker_names, names)
             if not mapping:
                 raise StoreError(f"{root}: none of the panel markers is among its {self.hparams.target_modality} channels {names[:8]}...")
-            scales = self._marker_scales(store, mapping)
-            self.marker_scales = scales if self.marker_scales is None else self.marker_scales
+            if root not in self._scales:
+                self._scales[root] = self._marker_scales(store, mapping)
+            scales = self._scales[root]
             for split in self.tissues:
                 for tid in store.tissue_ids(split):
                     self.tissues[split].append(self._load_tissue(store, tid, mapping, scales))

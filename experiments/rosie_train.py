@@ -27,6 +27,7 @@ class RosieCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.marker_names", "model.marker_names", compute_fn=panel)
         parser.link_arguments("data.marker_names", "model.num_markers", compute_fn=panel_size)
+        parser.link_arguments("data.target_scales", "model.target_scales", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None) -> RosieCLI:

@@ -99,6 +99,7 @@ class RosieModule(L.LightningModule):
         backbone: str = "timm",
         official_checkpoint: str | None = None,
         stitch_chunk_size: int = 256,
+        target_scales: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         marker_names = list(marker_names) if marker_names is not None else [f"marker_{i}" for i in range(num_markers)]

@@ -1,0 +1,166 @@
+"""Predict multiplex images from H&E with a trained ROSIE model.
+
+    python -m experiments.rosie_predict --ckpt C --he IMAGE_OR_DATASET --out OUT [--stride 8]
+        [--tissue-id ID | --split test] [--batch-size 64] [--ome-tiff] [--blend] [--cell-mask FILE]
+        [--device auto|cpu|cuda] [--overwrite]
+
+``--he`` is an H&E image file (TIFF/OME-TIFF/PNG/JPEG, RGB uint8; big TIFFs are read lazily) or a
+dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissues of a split.
+``OUT`` is a dataset folder (created or extended) holding the prediction as modality ``codex`` at
+``mpp × stride`` µm/px, plus ``qc.json``/``qc.csv`` (dynamic range per marker, W1 distance of the H&E
+histogram to the training set when known, patches/s), and optionally ``<tissue>.ome.tif`` and
+``<tissue>.cells.h5ad``. The sliding window, padding and foreground policies are documented in
+:mod:`lightning_modules.rosie_inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("rosie_predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.rosie_predict", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint of RosieModule, or the official ROSIE weights (--official)")
+    p.add_argument("--official", action="store_true", help="the checkpoint is the authors' released ROSIE.pth (resize to 224 + ImageNet normalisation)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint (only for files you trust)")
+    p.add_argument("--he", required=True, help="H&E image file, or a dataset folder (with --tissue-id or --split)")
+    p.add_argument("--tissue-id", default=None, help="tissue to predict (dataset input), or the id to give an image file (default: file name)")
+    p.add_argument("--split", default=None, help="dataset input: predict every tissue of this split (train/val/test)")
+    p.add_argument("--out", required=True, help="output dataset folder (created if absent)")
+    p.add_argument("--stride", type=int, default=8, help="output block size in px, 1..8 (8 = the paper's standard, 1 = full resolution)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of an H&E image file (default: from OME metadata, else 0.5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tile-size", type=int, default=256, help="output px per streamed tile side (memory bound)")
+    p.add_argument("--foreground", choices=["otsu", "all"], default="otsu",
+                   help="blocks to predict: Otsu tissue mask (a dataset's stored tissue mask when present), or all")
+    p.add_argument("--ome-tiff", action="store_true", help="also write OUT/<tissue_id>.ome.tif")
+    p.add_argument("--blend", action="store_true", help="Gaussian overlap blend to native resolution (M, H, W)")
+    p.add_argument("--blend-kernel", type=float, default=None, help="blend window in px (default 2 × stride)")
+    p.add_argument("--cell-mask", default=None,
+                   help="instance mask at the H&E resolution (.npz key 'mask', .npy, .tif) -> OUT/<tissue_id>.cells.h5ad; "
+                        "dataset input uses the stored cell mask when present")
+    p.add_argument("--reference-hist", default=None, help="training-set H&E histograms (R,3,256) .npy/.npz for the W1 QC")
+    p.add_argument("--no-rescale", action="store_true", help="keep the model's scaled outputs (skip the checkpoint's marker scales)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction of the same tissue")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_cell_mask(path: str | Path) -> object:
+    """A 2-D instance mask from .npz (key 'mask'), .npy or TIFF (read lazily)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cell mask not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            if "mask" not in data:
+                raise ValueError(f"{path}: npz has no key 'mask' (keys: {list(data.keys())})")
+            return data["mask"]
+    if name.endswith(".npy"):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if name.endswith((".tif", ".tiff")):
+        import tifffile
+        import zarr
+
+        tif = tifffile.TiffFile(str(path))
+        arr = zarr.open(tif.series[0].aszarr(level=0), mode="r")
+        if arr.ndim != 2:
+            tif.close()
+            raise ValueError(f"{path}: cell mask must be a single 2-D plane, got shape {arr.shape}")
+        return arr
+    raise ValueError(f"{path}: unsupported cell mask format; use .npz (key 'mask'), .npy or .tif")
+
+
+def _default_tissue_id(path: Path) -> str:
+    stem = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg", ".svs", ".btf", ".bmp"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem).strip("._-") or "tissue"
+    return stem
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from datamodules import layout
+    from datamodules.store import StoreError
+    from lightning_modules import rosie_inference as ri
+
+    try:
+        ri.check_stride(args.stride)
+        if args.batch_size < 1 or args.tile_size < 1:
+            raise ValueError("--batch-size and --tile-size must be positive")
+        he = Path(args.he)
+        if not he.exists():
+            raise FileNotFoundError(f"--he {he}: no such file or dataset folder")
+        predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
+                                                      trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
+        reference = ri.load_reference_hists(args.reference_hist, predictor)
+        if reference is None:
+            log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
+        options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
+                                    foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
+                                    blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
+                                    progress=not args.no_progress)
+        jobs = []
+        if he.is_dir():
+            from datamodules.store import DatasetStore
+
+            if (args.tissue_id is None) == (args.split is None):
+                raise ValueError(f"--he {he} is a dataset folder: give exactly one of --tissue-id ID or --split SPLIT")
+            if args.mpp is not None:
+                log.info("--mpp is ignored for dataset input: the H&E resolution is the store's")
+            ids = [args.tissue_id] if args.tissue_id else DatasetStore(str(he)).tissue_ids(args.split)
+            if not ids:
+                raise StoreError(f"{he}: no tissue in split {args.split!r}")
+            if args.cell_mask and len(ids) > 1:
+                raise ValueError("--cell-mask is for a single tissue; with --split the stored cell masks are used")
+            for tid in ids:
+                jobs.append(("store", tid))
+        else:
+            if args.split:
+                raise ValueError("--split needs a dataset folder as --he")
+            jobs.append(("file", args.tissue_id or _default_tissue_id(he)))
+
+        for kind, tid in jobs:
+            layout.check_tissue_id(tid)
+            if kind == "store":
+                image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), tid)
+            else:
+                image, file_mpp = ri.open_he_image(he)
+                mpp = args.mpp or file_mpp
+                if mpp is None:
+                    mpp = 0.5
+                    log.warning("%s: no pixel size in the file and no --mpp: assuming 0.5 µm/px", he)
+                tissue_mask, cell_mask, row = None, None, {"source": str(he)}
+            if args.cell_mask:
+                cell_mask = load_cell_mask(args.cell_mask)
+            entry = ri.predict_to_dataset(image, predictor, args.out, tid, mpp, options, tissue_mask=tissue_mask,
+                                          cell_mask=cell_mask, reference_hists=reference, tissue_row=row)
+            dr = [v for v in entry["dynamic_range"].values() if v is not None]
+            print(f"{tid}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
+                  + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
+                  + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""))
+            if hasattr(image, "close"):
+                image.close()
+    except (FileNotFoundError, ValueError, StoreError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
