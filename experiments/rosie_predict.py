@@ -106,11 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         he = Path(args.he)
         if not he.exists():
             raise FileNotFoundError(f"--he {he}: no such file or dataset folder")
-        predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
-                                                      trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
-        reference = ri.load_reference_hists(args.reference_hist, predictor)
-        if reference is None:
-            log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
         options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
                                     foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
                                     blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
@@ -134,9 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.split:
                 raise ValueError("--split needs a dataset folder as --he")
             jobs.append(("file", args.tissue_id or _default_tissue_id(he)))
-
-        for kind, tid in jobs:
+            ri.open_he_image(he)[0].close()  # refuse a bad image before loading the model
+        for _, tid in jobs:
             layout.check_tissue_id(tid)
+
+        predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
+                                                      trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
+        reference = ri.load_reference_hists(args.reference_hist, predictor)
+        if reference is None:
+            log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
+        for kind, tid in jobs:
             if kind == "store":
                 image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), tid)
             else:

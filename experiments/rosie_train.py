@@ -7,8 +7,7 @@ together with the per-marker target scales, so a checkpoint always knows its mar
 
 from __future__ import annotations
 
-import experiments.cli  # noqa: F401  (W&B offline by default)
-from lightning.pytorch.cli import LightningCLI
+from experiments.cli import VirtuplexCLI
 
 from datamodules.markers import ROSIE_PANEL
 from datamodules.rosie import RosieDataModule
@@ -23,7 +22,7 @@ def panel_size(names: list[str] | None) -> int:
     return len(panel(names))
 
 
-class RosieCLI(LightningCLI):
+class RosieCLI(VirtuplexCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.marker_names", "model.marker_names", compute_fn=panel)
         parser.link_arguments("data.marker_names", "model.num_markers", compute_fn=panel_size)

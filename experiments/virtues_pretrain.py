@@ -9,14 +9,13 @@ DDP/FSDP and multi-node runs are configuration only: `--trainer.devices`, `--tra
 
 from __future__ import annotations
 
-import experiments.cli  # noqa: F401  (W&B offline by default)
-from lightning.pytorch.cli import LightningCLI
+from experiments.cli import VirtuplexCLI
 
 from datamodules.virtues import VirTuesDataModule
 from lightning_modules.virtues import VirTuesModule
 
 
-class VirTuesCLI(LightningCLI):
+class VirTuesCLI(VirtuplexCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("model.patch_size", "data.patch_size")
 

@@ -16,7 +16,7 @@ def test_rosie_train_tiny_fit_writes_checkpoint(synthetic_dataset: Path, tmp_pat
 
     cli = main(["fit", "--config", str(REPO / "experiments/configs/rosie/tiny.yaml"),
                 "--data.data_dirs", f"[{synthetic_dataset}]", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "3"])
+"--trainer.max_steps", "3"])
     assert cli.trainer.global_step == 3
     metrics = pd.read_csv(Path(cli.trainer.logger.log_dir) / "metrics.csv")
     assert metrics["train/loss"].notna().sum() >= 3
@@ -42,7 +42,7 @@ def test_virtues_pretrain_tiny_five_steps(synthetic_dataset: Path, tmp_path: Pat
 
     cli = main(["fit", "--config", str(REPO / "experiments/configs/virtues/tiny.yaml"),
                 "--data.data_dirs", f"[{synthetic_dataset}]", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "5"])
+"--trainer.max_steps", "5"])
     assert cli.trainer.global_step == 5
     metrics = pd.read_csv(Path(cli.trainer.logger.log_dir) / "metrics.csv")
     assert metrics["train/loss"].notna().sum() >= 5
