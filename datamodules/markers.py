@@ -33,7 +33,7 @@ MARKER_ALIASES: dict[str, str] = {
     "pdl1": "PDL1", "cd274": "PDL1",
     "granzymeb": "GranzymeB", "gzmb": "GranzymeB",
     "podoplanin": "Podoplanin", "pdpn": "Podoplanin",
-    "galectin3": "Gal3", "gal3": "Gal3",
+    "galectin3": "Gal3", "gal3": "Gal3", "mac2": "Gal3", "mac2galectin3": "Gal3", "lgals3": "Gal3",
     "keratin818": "Keratin8/18", "ck818": "Keratin8/18", "cytokeratin818": "Keratin8/18",
     "collageniv": "CollagenIV", "collagen4": "CollagenIV", "col4": "CollagenIV",
     "ifng": "IFNg", "ifngamma": "IFNg", "interferongamma": "IFNg",

@@ -161,12 +161,21 @@ class ImageArray:
         if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > height or x + w > width:
             raise ValueError(f"{self.path}: crop y={y} x={x} h={h} w={w} is outside the image of size {height}×{width}")
         self._check_shards(y, x, y + h, x + w)
-        if channels is None:
-            return np.asarray(self._array[:, y : y + h, x : x + w])
-        idx = list(channels)
-        if idx and idx == list(range(idx[0], idx[-1] + 1)):
-            return np.asarray(self._array[idx[0] : idx[-1] + 1, y : y + h, x : x + w])
-        return np.asarray(self._array.get_orthogonal_selection((idx, slice(y, y + h), slice(x, x + w))))
+        try:
+            if channels is None:
+                return np.asarray(self._array[:, y : y + h, x : x + w])
+            idx = list(channels)
+            if idx and idx == list(range(idx[0], idx[-1] + 1)):
+                return np.asarray(self._array[idx[0] : idx[-1] + 1, y : y + h, x : x + w])
+            return np.asarray(self._array.get_orthogonal_selection((idx, slice(y, y + h), slice(x, x + w))))
+        except (IndexError, TypeError):
+            raise
+        except Exception as exc:  # codec / checksum / short-read errors surface deep inside zarr
+            files = ", ".join(f"'0/c/{'/'.join(map(str, k))}'" for k, _ in self.shard_files(y, x, y + h, x + w))
+            raise StoreError(
+                f"{self.path}: chunk file(s) {files} are corrupt or truncated ({type(exc).__name__}: {exc}). "
+                "Re-copy or re-ingest this image."
+            ) from exc
 
     def read_all(self) -> np.ndarray:
         c, h, w = self.shape
@@ -478,7 +487,7 @@ def write_ome_zarr(fs: fsspec.AbstractFileSystem, path: str, image: np.ndarray, 
                    name: str | None = None) -> None:
     """Write `image` (C,Y,X) as an OME-Zarr v3 image at `path` (not atomic by itself)."""
     import zarr
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     if image.ndim != 3:
         raise ValueError(f"{path}: image must be (C,Y,X), got shape {image.shape}")
@@ -492,7 +501,8 @@ def write_ome_zarr(fs: fsspec.AbstractFileSystem, path: str, image: np.ndarray, 
     chunk = (c, min(CHUNK_YX, shard[1]), min(CHUNK_YX, shard[2]))
     arr = group.create_array(
         "0", shape=image.shape, dtype=image.dtype, chunks=chunk, shards=shard,
-        compressors=BloscCodec(typesize=image.dtype.itemsize, cname="lz4", clevel=3, shuffle="bitshuffle"),
+        # blosc as in the VirTues example; a crc32c per inner chunk makes silent corruption a read error
+        compressors=[BloscCodec(typesize=image.dtype.itemsize, cname="lz4", clevel=3, shuffle="bitshuffle"), Crc32cCodec()],
         dimension_names=("c", "y", "x"), fill_value=0, config={"write_empty_chunks": True},
     )
     arr[...] = image

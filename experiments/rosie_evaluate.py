@@ -11,8 +11,8 @@ the dataset with the measured CODEX. A ``--truth`` folder holding ``markers.csv`
 ``channel_registered/<slide>.csv`` and ``he_patches/`` (the HEX sample-data layout) is patch-level
 ground truth: ``--ckpt`` is run on every patch instead of reading ``--pred``. Writes
 ``summary.csv``, ``per_marker.csv``, ``per_sample.csv``, ``markers.csv`` (matched and unmatched
-markers), ``evaluation.json``, ``evaluate.log`` and ``figures/``. The policies are documented in
-:mod:`analysis.rosie_evaluation`.
+markers), ``evaluation.json``, ``evaluate.log`` and the figures (``*.png``: per-marker Pearson
+bars, predicted vs measured, Grad-CAM). The policies are documented in :mod:`analysis.rosie_evaluation`.
 """
 
 from __future__ import annotations
