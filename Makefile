@@ -34,7 +34,7 @@ test-slow: install
 
 data-synthetic: install
 	@if [ -f $(SYNTH_DIR)/.complete ]; then echo "synthetic dataset present: $(SYNTH_DIR)"; else \
-	  $(PY) -m datamodules.synthetic --out $(SYNTH_DIR) --tissues 12 --size 512 --seed 0; fi
+	  $(PY) -m datamodules.synthetic --out $(SYNTH_DIR) --tissues 20 --size 512 --seed 0; fi
 
 exp-rosie: install data-synthetic
 	$(PY) -m experiments.rosie_experiment --config $(ROSIE_CONFIG) --data $(SYNTH_DIR)
@@ -44,6 +44,8 @@ exp-virtues: install data-synthetic
 
 bench: install
 	$(PY) -m benchmarks.datamodules_throughput
+	$(PY) -m benchmarks.rosie_inference
+	$(PY) -m benchmarks.virtues_attention
 
 clean:
 	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache data/synthetic

@@ -25,8 +25,9 @@ def _time_loader(loader, batches: int) -> tuple[float, int]:  # type: ignore[no-
     for _ in range(batches):
         try:
             batch = next(it)
-        except StopIteration:
-            break
+        except StopIteration:  # small datasets: keep going over further epochs
+            it = iter(loader)
+            batch = next(it)
         n += len(batch["images"]) if "images" in batch else batch["image"].shape[0]
     return time.perf_counter() - start, n
 
