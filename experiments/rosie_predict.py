@@ -114,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if he.is_dir():
             from datamodules.store import DatasetStore
 
+            if Path(args.out).resolve() == he.resolve():
+                raise ValueError(f"--out {args.out} is the input dataset: write predictions to a separate folder so they "
+                                 "cannot be mistaken for (or replace) measured images")
+
             if (args.tissue_id is None) == (args.split is None):
                 raise ValueError(f"--he {he} is a dataset folder: give exactly one of --tissue-id ID or --split SPLIT")
             if args.mpp is not None:

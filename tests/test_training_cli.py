@@ -47,3 +47,4 @@ def test_virtues_pretrain_tiny_five_steps(synthetic_dataset: Path, tmp_path: Pat
     metrics = pd.read_csv(Path(cli.trainer.logger.log_dir) / "metrics.csv")
     assert metrics["train/loss"].notna().sum() >= 5
     assert len(cli.model.model.marker_uniprot_ids) == 40
+    assert list((tmp_path / "panels").glob("step_*.png")), "reconstruction panels were not written"
