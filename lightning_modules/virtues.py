@@ -99,10 +99,17 @@ class VirTuesModule(L.LightningModule):
             self.hparams["marker_table_dir"] = str(source_dir)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the ESM table is not in the official state dict (non-persistent buffer); a framework checkpoint
+        # carries it beside the weights (N×640 floats, small) so it reloads without the data folders
         checkpoint["virtues_marker_uniprot_ids"] = list(self.model.marker_uniprot_ids)
+        if self.model.marker_uniprot_ids:
+            checkpoint["virtues_marker_table"] = self.model.marker_table.detach().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ids = checkpoint.get("virtues_marker_uniprot_ids")
+        table = checkpoint.get("virtues_marker_table")
+        if ids and table is not None and not self.model.marker_uniprot_ids:
+            self.model.set_marker_table(table, ids)
         if ids and self.model.marker_uniprot_ids and list(ids) != self.model.marker_uniprot_ids:
             raise ValueError(
                 "the marker table loaded for this module has a different UniProt id order than the "

@@ -48,3 +48,23 @@ def test_virtues_pretrain_tiny_five_steps(synthetic_dataset: Path, tmp_path: Pat
     assert metrics["train/loss"].notna().sum() >= 5
     assert len(cli.model.model.marker_uniprot_ids) == 40
     assert list((tmp_path / "panels").glob("step_*.png")), "reconstruction panels were not written"
+
+
+def test_virtues_checkpoint_reloads_with_its_marker_table(synthetic_dataset: Path, tmp_path: Path) -> None:
+    from experiments.virtues_pretrain import main
+    from lightning_modules.virtues import VirTuesModule
+
+    cli = main(["fit", "--config", str(REPO / "experiments/configs/virtues/tiny.yaml"),
+                "--data.data_dirs", f"[{synthetic_dataset}]", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    path = tmp_path / "v.ckpt"
+    cli.trainer.save_checkpoint(path)
+    reloaded = VirTuesModule.load_from_checkpoint(path, map_location="cpu")
+    assert reloaded.model.marker_uniprot_ids == cli.model.model.marker_uniprot_ids
+    torch.testing.assert_close(reloaded.model.marker_table, cli.model.model.marker_table.cpu())
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    cli.model.eval(), reloaded.eval()
+    with torch.no_grad():
+        a = cli.model(batch["images"], batch["marker_ids"], batch["masks"]).decoded[0]
+        b = reloaded(batch["images"], batch["marker_ids"], batch["masks"]).decoded[0]
+    torch.testing.assert_close(a, b)
