@@ -100,10 +100,12 @@ def composite_rgb(
     clip_percentile: float = 99.0,
     scale: Mapping[str, float] | None = None,
 ) -> np.ndarray:
-    """(h,w,3) additive colour composite of chosen markers of an (M,h,w) image, in [0,1].
+    """(h,w,3) colour composite of chosen markers of an (M,h,w) image, in [0,1].
 
     Each marker is divided by its ``clip_percentile`` (or by ``scale[marker]`` — pass the measured
-    image's scales to draw prediction and measurement on the same scale).  Missing markers are skipped.
+    image's scales to draw prediction and measurement on the same scale); the colours are combined
+    by per-pixel maximum (as in a max-projection overlay), because with seven markers an additive
+    blend saturates to white/yellow wherever several are expressed. Missing markers are skipped.
     """
     img = np.asarray(image, dtype=np.float64)
     index = {m: i for i, m in enumerate(marker_names)}
@@ -115,7 +117,7 @@ def composite_rgb(
         ch = np.nan_to_num(img[index[m]])
         hi = scale[m] if scale is not None and m in scale else np.percentile(ch, clip_percentile)
         ch = np.clip(ch / hi, 0, 1) if hi > 0 else np.zeros_like(ch)
-        rgb += ch[..., None] * np.asarray(colours[k % len(colours)])[None, None]
+        rgb = np.maximum(rgb, ch[..., None] * np.asarray(colours[k % len(colours)])[None, None])
     return np.clip(rgb, 0, 1)
 
 

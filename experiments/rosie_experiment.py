@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data, "split": args.split, "n_tissues": len(held_out), "n_markers": hp.get("num_markers", "?"),
         "stride": args.stride, "arch": hp.get("arch", "?"), "train_minutes": train_minutes,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "patches_per_s": float(qc.get("patches_per_s", float("nan"))) if isinstance(qc, dict) else float("nan"),
+        "patches_per_s": _patches_per_s(tissues_qc),
         "command": "make exp-rosie  # = python -m experiments.rosie_experiment " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report = write_report(run_dir, summary, per_marker, _qc_rows(tissues_qc), info, figures)
@@ -215,8 +215,15 @@ def _qc_rows(qc: dict) -> dict:
             continue
         dr = q.get("dynamic_range")
         mean_dr = float(np.mean(list(dr.values()) if isinstance(dr, dict) else dr)) if dr is not None else float("nan")
-        rows[tid] = {"mean_dynamic_range": mean_dr, "w1_distance": q.get("w1_distance")}
+        rows[tid] = {"mean_dynamic_range": mean_dr, "w1_distance": q.get("w1_to_training_he")}
     return rows
+
+
+def _patches_per_s(qc: dict) -> float:
+    """Overall inference throughput over the predicted tissues."""
+    patches = sum(q.get("n_patches", 0) for q in qc.values() if isinstance(q, dict))
+    seconds = sum(q.get("seconds", 0.0) for q in qc.values() if isinstance(q, dict))
+    return patches / seconds if seconds else float("nan")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = ri.load_reference_hists(args.reference_hist, predictor)
         if reference is None:
             log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
+        channel_table = ri.store_channel_table(str(he)) if he.is_dir() else None
         for kind, tid in jobs:
             if kind == "store":
                 image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), tid)
@@ -155,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cell_mask:
                 cell_mask = load_cell_mask(args.cell_mask)
             entry = ri.predict_to_dataset(image, predictor, args.out, tid, mpp, options, tissue_mask=tissue_mask,
-                                          cell_mask=cell_mask, reference_hists=reference, tissue_row=row)
+                                          cell_mask=cell_mask, reference_hists=reference, tissue_row=row,
+                                          channel_table=channel_table)
             dr = [v for v in entry["dynamic_range"].values() if v is not None]
             print(f"{tid}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
                   + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
