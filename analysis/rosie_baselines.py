@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis.rosie_metrics import _to_hwc
+
 log = logging.getLogger(__name__)
 
 MORPHOLOGY_FEATURES: tuple[str, ...] = (
@@ -50,17 +52,6 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
 )
 CELL_FEATURES: tuple[str, ...] = (*MORPHOLOGY_FEATURES, "MeanR", "MeanG", "MeanB")
 PATCH_FEATURES: tuple[str, ...] = (*CELL_FEATURES, "HasCell")
-
-
-def _to_hwc(he_image: np.ndarray) -> np.ndarray:
-    a = np.asarray(he_image)
-    if a.ndim != 3:
-        raise ValueError(f"he_image: expected (3,H,W) or (H,W,3), got {a.shape}")
-    if a.shape[0] == 3:
-        return np.moveaxis(a, 0, -1)
-    if a.shape[-1] == 3:
-        return a
-    raise ValueError(f"he_image: expected 3 colour channels first or last, got {a.shape}")
 
 
 def _window_index(origins: np.ndarray, patch: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -56,20 +56,12 @@ def load_rosie_module(path: str | Path, trust_checkpoint: bool = False):
     Read with ``weights_only=True`` unless ``trust_checkpoint`` (full unpickling runs code from the
     file). Pretrained-weight paths stored in its hparams are not re-read: the checkpoint has the weights.
     """
-    from lightning_modules.rosie import RosieModule
+    from lightning_modules.rosie import load_rosie_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        module = RosieModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=not trust_checkpoint,
-                                                  pretrained_path=None, official_checkpoint=None)
-    except Exception as exc:
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-            raise ValueError(f"{path}: cannot be read safely with weights_only=True ({type(exc).__name__}); if you trust "
-                             "the file, pass --trust-checkpoint") from exc
-        raise
-    return module.eval()
+    return load_rosie_checkpoint(str(path), trust_checkpoint).eval()
 
 
 def rosie_predict_fn(module):

@@ -117,11 +117,13 @@ class RosieModule(L.LightningModule):
         else:
             self.backbone = build_rosie_regressor(arch, num_markers, pretrained_path, backbone)
         self.adapter = RosieInputAdapter(resize_to=input_resize) if input_resize else nn.Identity()
+        # NHWC convolutions are ~1.5x faster on CPU (and for tensor cores); numerics are unchanged
+        self.backbone.to(memory_format=torch.channels_last)
         self.val_pearson = MaskedPearson(num_markers)
         self.val_ssim = MeanMetric()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.adapter(image))
+        return self.backbone(self.adapter(image).contiguous(memory_format=torch.channels_last))
 
     # -------------------------------------------------------------- train
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -227,3 +229,19 @@ def stitched_ssim(pred_image: torch.Tensor, target_image: torch.Tensor) -> torch
             )
         )
     return torch.stack(values).mean() if values else None
+
+
+def load_rosie_checkpoint(path: str, trust_checkpoint: bool = False, map_location: str = "cpu") -> "RosieModule":
+    """A RosieModule from a Lightning checkpoint, read with ``weights_only=True`` unless trusted.
+
+    Full unpickling can run code from the file, so it is opt-in (``--trust-checkpoint``). Pretrained
+    weight paths stored in the hparams are not re-read: the checkpoint holds the weights.
+    """
+    try:
+        return RosieModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=not trust_checkpoint,
+                                                pretrained_path=None, official_checkpoint=None)
+    except Exception as exc:
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
+            raise ValueError(f"{path}: cannot be read safely with weights_only=True ({type(exc).__name__}); if you "
+                             "trust the file, pass --trust-checkpoint") from exc
+        raise

@@ -327,16 +327,9 @@ class PatchPredictor:
         if not is_lightning:
             raise ValueError(f"{path}: not a Lightning checkpoint of RosieModule (no 'pytorch-lightning_version'); "
                              "pass --official for the authors' released weights")
-        from lightning_modules.rosie import RosieModule
+        from lightning_modules.rosie import load_rosie_checkpoint
 
-        try:
-            module = RosieModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=not trust_checkpoint,
-                                                      pretrained_path=None, official_checkpoint=None)
-        except Exception as exc:
-            if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-                raise ValueError(f"{path}: cannot be read safely with weights_only=True ({type(exc).__name__}); if you "
-                                 "trust the file, pass --trust-checkpoint") from exc
-            raise
+        module = load_rosie_checkpoint(str(path), trust_checkpoint)
         hp = dict(module.hparams)
         names = list(marker_names or hp.get("marker_names") or getattr(module, "marker_names", None) or ROSIE_PANEL)
         scales = None
