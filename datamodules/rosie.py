@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.markers import ROSIE_PANEL, match_markers
+from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
 from datamodules.sampling import StoreCache, block_means, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
 
@@ -50,7 +51,12 @@ class RosieTissue:
 
 
 class RosiePatchDataset(Dataset):
-    """One item = one 8×8 block: its H&E patch (uint8) and its target vector."""
+    """One item = one 8×8 block: its H&E patch (uint8) and its target vector.
+
+    Indexed by a block number or by ``(epoch, block)`` (what the training sampler yields): the
+    augmentation is a function of ``(seed, epoch, block)`` only, so a resumed or re-sharded run
+    draws the same augmentations as an uninterrupted single-process one.
+    """
 
     def __init__(self, tissues: Sequence[RosieTissue], patch_size: int = 128, block: int = 8,
                  augment: bool = False, seed: int = 0,
@@ -77,15 +83,15 @@ class RosiePatchDataset(Dataset):
         by, bx = tissue.blocks[index - self.offsets[t]]
         return tissue, int(by), int(bx)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, index = split_index(index)
         tissue, by, bx = self._locate(index)
         half = self.patch_size // 2
         cy, cx = by * self.block + self.block // 2, bx * self.block + self.block // 2
         image = self.cache.image(tissue.root, "he", tissue.tissue_id, tissue.he_mpp)
         patch = torch.from_numpy(read_padded(image, cy - half, cx - half, self.patch_size, self.patch_size, fill=255))
         if self.augment:
-            # torch's RNG is seeded per worker and epoch by the DataLoader (and by seed_everything)
-            patch = self._augment(patch, np.random.default_rng(int(torch.randint(2**62, (1,)))))
+            patch = self._augment(patch, np.random.default_rng(derive_seed(self.seed, epoch, index)))
         return {
             "image": normalize_he(patch),
             "target": torch.from_numpy(tissue.targets[:, by, bx].copy()),
@@ -153,8 +159,11 @@ class RosieDataModule(L.LightningDataModule):
         data_dirs: dataset folders (local paths or fsspec URLs) holding `he` and `codex` modalities.
         marker_names: the output panel; default ROSIE's 50 markers. Dataset channels are matched by
             name through the alias table in `datamodules.markers`.
-        target_scale: "p99" divides each marker by its dataset-wide median 99th percentile, so the
-            regression targets are O(1) and predictions map back to measured units; "none" keeps raw.
+        target_scale: "std" (default) divides each marker by the std of its block means over the
+            training tissues, so every marker weighs the same in the MSE (matching the mean-over-markers
+            Pearson R the model is judged by); "p99" divides by the dataset's median per-image 99th
+            percentile; "none" keeps raw intensities. The checkpoint stores the divisors, so predictions
+            map back to measured units.
         min_tissue_fraction: a block is a training example when at least this fraction is tissue.
         train_samples_per_epoch: random blocks per epoch (None = every block once).
     """
@@ -172,7 +181,7 @@ class RosieDataModule(L.LightningDataModule):
         train_samples_per_epoch: int | None = None,
         val_samples: int | None = 4096,
         ssim_region_px: int = 128,
-        target_scale: str = "p99",
+        target_scale: str = "std",
         augment: bool = True,
         seed: int = 0,
     ):
@@ -184,6 +193,7 @@ class RosieDataModule(L.LightningDataModule):
         self.marker_names = marker_names
         self.tissues: dict[str, list[RosieTissue]] = {}
         self._scales: dict[str, np.ndarray] = {}
+        self._block_cache: dict[tuple[str, str], np.ndarray] = {}
 
     @property
     def target_scales(self) -> list[float]:
@@ -209,7 +219,7 @@ class RosieDataModule(L.LightningDataModule):
         present = np.zeros(len(self.marker_names), dtype=bool)
         targets = np.zeros((len(self.marker_names),) + tuple(s // hp.block for s in codex.shape[1:]), np.float32)
         channel_index = [names.index(mapping[m]) if m in mapping else -1 for m in self.marker_names]
-        means = block_means(codex, hp.block)
+        means = self._block_means(store, tissue_id, codex)
         for k, ci in enumerate(channel_index):
             if ci < 0:
                 continue
@@ -227,10 +237,39 @@ class RosieDataModule(L.LightningDataModule):
         blocks = np.argwhere(frac >= hp.min_tissue_fraction)
         return RosieTissue(store.url, tissue_id, he_mpp, targets, present, blocks)
 
+    def _block_means(self, store: DatasetStore, tissue_id: str, codex=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        """8×8 block means of a tissue's CODEX image, computed once (scales and targets share them)."""
+        key = (store.url, tissue_id)
+        if key not in self._block_cache:
+            if codex is None:
+                codex = store.image(self.hparams.target_modality, tissue_id, store.resolutions("he")[0])
+            self._block_cache[key] = block_means(codex, self.hparams.block)
+        return self._block_cache[key]
+
+    def _std_scales(self, store: DatasetStore, mapping: dict[str, str]) -> np.ndarray:
+        """Per-marker std of block means over the tissue blocks of the training tissues."""
+        he_mpp = store.resolutions("he")[0]
+        names = store.image(self.hparams.target_modality, store.tissue_ids("train")[0], he_mpp).channel_names
+        values: list[np.ndarray] = []
+        for tid in store.tissue_ids("train"):
+            means = self._block_means(store, tid)
+            mask = store.tissue_mask(tid, he_mpp)
+            keep = (tissue_fraction_grid(mask, self.hparams.block) >= self.hparams.min_tissue_fraction) if mask is not None \
+                else np.ones(means.shape[1:], bool)
+            values.append(means[:, keep])
+        pooled = np.concatenate(values, axis=1)
+        scales = np.ones(len(self.marker_names), dtype=np.float32)
+        for k, m in enumerate(self.marker_names):
+            if m in mapping:
+                scales[k] = max(float(pooled[names.index(mapping[m])].std()), 1e-6)
+        return scales
+
     def _marker_scales(self, store: DatasetStore, mapping: dict[str, str]) -> np.ndarray:
         scales = np.ones(len(self.marker_names), dtype=np.float32)
         if self.hparams.target_scale == "none":
             return scales
+        if self.hparams.target_scale == "std":
+            return self._std_scales(store, mapping)
         stats = store.standardization(self.hparams.target_modality, store.resolutions("he")[0])
         if stats is None:
             log.warning("%s: no standardization statistics; targets are not scaled (run preprocess statistics)", store.url)
@@ -266,12 +305,11 @@ class RosieDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None, collate=None,
                 num_samples: int | None = None) -> DataLoader:
         hp = self.hparams
-        sampler = None
-        if shuffle:  # a fresh random subset (or permutation) every epoch, reproducible from the seed
-            sampler = torch.utils.data.RandomSampler(dataset, num_samples=num_samples,
-                                                     generator=torch.Generator().manual_seed(hp.seed))
-        return DataLoader(dataset, batch_size=batch_size or hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0, collate_fn=collate)
+        kwargs = dict(batch_size=batch_size or hp.batch_size, num_workers=hp.num_workers,
+                      persistent_workers=hp.num_workers > 0, collate_fn=collate)
+        if shuffle:  # a fresh random subset (or permutation) per epoch from (seed, epoch); resumable mid-epoch
+            return ResumableDataLoader(dataset, sampler=EpochSampler(dataset, num_samples, shuffle=True, seed=hp.seed), **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules import layout
 from datamodules.preprocess import MultiplexPreprocessor
+from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
 from datamodules.sampling import StoreCache, read_padded, sample_subimages
 from datamodules.store import DatasetStore, StoreError
 from lightning_modules.components.virtues.masking import channel_dropout, independent_mask
@@ -57,12 +58,18 @@ def dihedral(crop: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 class VirTuesCropDataset(Dataset):
-    """One item per sub-image (random) or tile (tiles)."""
+    """One item per sub-image (random) or tile (tiles).
+
+    Indexed by an item number or by ``(epoch, item)`` (what the training sampler yields). Every random
+    choice of an item (crop position, dihedral transform, channel dropout, mask) is drawn from
+    ``(seed, epoch, item)``, never from the global or per-worker RNG: a resumed run, any number of
+    workers and any number of ranks see the same crops; validation (epoch 0) masks are fixed.
+    """
 
     def __init__(self, tissues: Sequence[VirTuesTissue], crop_size: int = 128, subimage_size: int = 256,
                  sampling: str = "random", patch_size: int = 8, augment: bool = True,
                  mask_ratio: tuple[float, float] = (0.6, 1.0), channel_dropout: float = 0.25, blur: bool = True,
-                 masking: bool = True):
+                 masking: bool = True, seed: int = 0):
         self.tissues = list(tissues)
         self.crop_size = crop_size
         self.subimage_size = subimage_size if sampling == "random" else crop_size
@@ -72,6 +79,7 @@ class VirTuesCropDataset(Dataset):
         self.mask_ratio = tuple(mask_ratio)
         self.channel_dropout = channel_dropout
         self.masking = masking
+        self.seed = seed
         self.preprocessors = [MultiplexPreprocessor(t.upper_q, t.means, t.stds, blur=blur) for t in self.tissues]
         counts = np.array([len(t.corners) for t in self.tissues])
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -82,8 +90,9 @@ class VirTuesCropDataset(Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> dict:
-        seed = int(torch.randint(2**62, (1,)))  # torch's RNG is seeded per worker and epoch by the loader
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, index = split_index(index)
+        seed = derive_seed(self.seed, epoch, index)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
         t = int(np.searchsorted(self.offsets, index, side="right") - 1)
@@ -254,13 +263,17 @@ class VirTuesDataModule(L.LightningDataModule):
     def dataset(self, split: str, train: bool) -> VirTuesCropDataset:
         hp = self.hparams
         return VirTuesCropDataset(self.tissues[split], hp.crop_size, hp.subimage_size, hp.sampling, hp.patch_size, augment=train,
-                                  mask_ratio=hp.mask_ratio, channel_dropout=hp.channel_dropout if train else 0.0, blur=hp.blur)
+                                  mask_ratio=hp.mask_ratio, channel_dropout=hp.channel_dropout if train else 0.0, blur=hp.blur,
+                                  seed=hp.seed)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.dataset(split, train), batch_size=hp.batch_size, shuffle=train, num_workers=hp.num_workers,
-                          collate_fn=collate_ragged, persistent_workers=hp.num_workers > 0,
-                          generator=torch.Generator().manual_seed(hp.seed) if train else None)
+        dataset = self.dataset(split, train)
+        kwargs = dict(batch_size=hp.batch_size, num_workers=hp.num_workers, collate_fn=collate_ragged,
+                      persistent_workers=hp.num_workers > 0)
+        if train:  # a permutation per epoch from (seed, epoch); resumable mid-epoch
+            return ResumableDataLoader(dataset, sampler=EpochSampler(dataset, shuffle=True, seed=hp.seed), **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, True)
