@@ -100,6 +100,7 @@ class RosieModule(L.LightningModule):
         official_checkpoint: str | None = None,
         stitch_chunk_size: int = 256,
         target_scales: Sequence[float] | None = None,
+        input_center_crop: int | None = None,
     ) -> None:
         super().__init__()
         marker_names = list(marker_names) if marker_names is not None else [f"marker_{i}" for i in range(num_markers)]
@@ -116,7 +117,8 @@ class RosieModule(L.LightningModule):
                 raise ValueError(f"official_checkpoint {official_checkpoint} predicts {n_out} markers but num_markers={num_markers}")
         else:
             self.backbone = build_rosie_regressor(arch, num_markers, pretrained_path, backbone)
-        self.adapter = RosieInputAdapter(resize_to=input_resize) if input_resize else nn.Identity()
+        self.adapter = (RosieInputAdapter(resize_to=input_resize, center_crop=input_center_crop)
+                        if input_resize or input_center_crop else nn.Identity())
         # NHWC convolutions are ~1.5x faster on CPU (and for tensor cores); numerics are unchanged
         self.backbone.to(memory_format=torch.channels_last)
         self.val_pearson = MaskedPearson(num_markers)

@@ -250,3 +250,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing"):
         load_official_rosie_checkpoint(path)
     assert not marker.exists()
+
+
+def test_input_adapter_center_crop_keeps_the_centre() -> None:
+    from lightning_modules.components.rosie_backbone import RosieInputAdapter
+
+    x = torch.randn(2, 3, 128, 128)
+    out = RosieInputAdapter(center_crop=64)(x)
+    assert out.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out, x[..., 32:96, 32:96])
+    with pytest.raises(ValueError):
+        RosieInputAdapter(center_crop=0)
