@@ -1,0 +1,234 @@
+"""`make exp-virtues`: pretrain VirTues, evaluate masked reconstruction on the held-out tissues against
+the paper's baselines, and write a report.
+
+    python -m experiments.virtues_experiment --config experiments/configs/virtues/synthetic.yaml \
+        --data data/synthetic [--out runs/virtues/<run>] [--split test] [--ckpt C] \
+        [--max-crops 64] [--marker-max-crops 2] [--trainer-arg=--trainer.max_time=00:00:05:00]
+
+Outputs in `runs/virtues/<run>/`: `report.md` (Pearson r and F1 per masking strategy for VirTues and
+the baselines, as in the paper's Fig. 2d; training curves; figures), `summary.csv`
+(`strategy,method,pearson_r,f1`), `per_marker.csv`, `summary_seen_unseen.csv`, the evaluation folder
+`reconstruction/` (figures, baseline fits, skipped markers, log), the evaluated checkpoint
+`model.ckpt` (the weights at the end of the time-bounded run), the Lightning/CSV/W&B (offline) logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import experiments.cli  # noqa: F401  (W&B offline by default)
+
+log = logging.getLogger("experiments.virtues_experiment")
+
+NAMES = {"virtues": "VirTues", "visible_mean": "Visible-pixel mean", "most_correlated": "Most-correlated marker"}
+
+
+def train(config: str, data_dir: str, run_dir: Path, extra: list[str]) -> tuple[str, pd.DataFrame | None, int]:
+    """Fit with the pretraining CLI; returns (checkpoint of the final weights, CSV metrics, steps)."""
+    from experiments.virtues_pretrain import main as virtues_pretrain
+
+    args = ["fit", "--config", config, "--data.data_dirs", f"[{data_dir}]", "--trainer.default_root_dir", str(run_dir)]
+    cli = virtues_pretrain(args + extra)
+    # The run is bounded by trainer.max_time and validated rarely (CPU budget): evaluate the final
+    # weights rather than the best-val-loss checkpoint, which may be an early one.
+    ckpt = run_dir / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    metrics = None
+    for logger in cli.trainer.loggers:
+        path = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
+        if path.exists():
+            metrics = pd.read_csv(path)
+    return str(ckpt), metrics, int(cli.trainer.global_step)
+
+
+def plot_training(metrics: pd.DataFrame | None, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if metrics is None or "train/loss" not in metrics.columns:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    loss = metrics[["step", "train/loss"]].dropna()
+    axes[0].plot(loss["step"], loss["train/loss"], lw=1, label="train")
+    if "val/loss" in metrics.columns:
+        val = metrics[["step", "val/loss"]].dropna()
+        axes[0].plot(val["step"], val["val/loss"], marker="o", lw=1, label="val")
+    axes[0].set(title="MSE over all pixels (masked autoencoding)", xlabel="step", yscale="log")
+    axes[0].legend()
+    if "train/crops_per_s" in metrics.columns:
+        tp = metrics[["step", "train/crops_per_s"]].dropna()
+        axes[1].plot(tp["step"], tp["train/crops_per_s"], lw=1)
+    axes[1].set(title="throughput (crops/s)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if pd.isna(x) else f"{x:.3f}"
+
+
+def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, seen: pd.DataFrame, info: dict,
+                 figures: list[Path]) -> Path:
+    lines = [
+        f"# VirTues masked reconstruction on {info['data']} — run {run_dir.name}",
+        "",
+        f"Held-out split `{info['split']}`: {info['n_tissues']} tissues, {info['n_crops']} crops of 128×128 px "
+        f"({info['n_marker_crops']} for marker masking), {info['n_markers']} markers. Model d={info['d_model']}, "
+        f"encoder `{info['encoder_pattern']}`, decoder `{info['decoder_pattern']}`; trained {info['steps']} steps in "
+        f"{info['train_minutes']:.1f} min on {info['device']}; evaluation {info['eval_minutes']:.1f} min; "
+        f"total {info['total_minutes']:.1f} min.",
+        "",
+        "## Reconstruction (layout of the paper's Fig. 2d; mean over markers)",
+        "",
+        "| Masking | Method | Pearson r | F1 |",
+        "|---|---|---|---|",
+    ]
+    for row in summary.itertuples(index=False):
+        lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {_fmt(row.pearson_r)} | {_fmt(row.f1)} |")
+    lines.append("")
+    verdicts = []
+    for strategy, grp in summary.groupby("strategy", sort=False):
+        v = grp.loc[grp["method"] == "virtues", "pearson_r"]
+        b = grp.loc[grp["method"] != "virtues"]
+        if len(v) and len(b):
+            bv = b.iloc[0]
+            won = v.iloc[0] > bv["pearson_r"]
+            verdicts.append(f"- {strategy} masking: VirTues r = {v.iloc[0]:.3f} vs {NAMES.get(bv['method'], bv['method'])} "
+                            f"r = {bv['pearson_r']:.3f} — VirTues {'better' if won else 'NOT better'}.")
+    lines += verdicts + [""]
+    lines += [
+        "Metrics as in the Methods: Pearson r between reconstruction and ground truth over the pixels of the "
+        "masked tokens only, pooled over the crops of a dataset, per marker and strategy, then averaged over markers; "
+        "F1 of pixel positivity with both images thresholded at the mean ground truth of the marker over those "
+        "pixels. Baselines: the mean of the visible pixels of the same channel and crop (independent and niche "
+        "masking); the most correlated other marker on the training tissues, mapped by a least-squares line (marker "
+        "masking). Values are in the model's preprocessed space (clip, log1p, standardise, blur).",
+        "",
+    ]
+    if seen is not None and len(seen) and (~seen["seen"].astype(bool)).any():
+        lines += ["## Seen vs unseen markers (zero-shot)", "", "| Masking | Method | seen | Pearson r | F1 | markers |",
+                  "|---|---|---|---|---|---|"]
+        for row in seen.itertuples(index=False):
+            lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {row.seen} | {_fmt(row.pearson_r)} | "
+                         f"{_fmt(row.f1)} | {row.n_markers} |")
+        lines.append("")
+    pv = per_marker[(per_marker["method"] == "virtues") & (per_marker["strategy"] == "independent")]
+    if len(pv):
+        pv = pv.sort_values("pearson_r", ascending=False)
+        lines += ["Best reconstructed markers (independent masking): "
+                  + ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pv.head(6).itertuples()) + ".", "",
+                  "Least reconstructed: " + ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pv.tail(4).itertuples()) + ".", ""]
+    if info.get("skipped"):
+        lines += [f"Channels not evaluated (no UniProt id / embedding, see `reconstruction/skipped_markers.csv`): "
+                  f"{', '.join(info['skipped'])}.", ""]
+    lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in figures] + [""]
+    lines += ["## Reproduce", "", "```", info["command"], "```", ""]
+    path = run_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def log_to_wandb(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, figures: list[Path]) -> None:
+    try:
+        import wandb
+
+        run = wandb.init(project="virtuplex-virtues", name=f"{run_dir.name}-reconstruction", dir=str(run_dir),
+                         mode="offline", job_type="evaluation", reinit=True)
+        run.log({"summary": wandb.Table(dataframe=summary), "per_marker": wandb.Table(dataframe=per_marker)})
+        run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+        for row in summary.itertuples(index=False):
+            run.summary[f"{row.strategy}/{row.method}/pearson_r"] = row.pearson_r
+        run.finish()
+    except Exception as exc:  # the report is the deliverable; W&B mirrors it
+        log.warning("W&B logging skipped: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.virtues_experiment", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="experiments/configs/virtues/synthetic.yaml")
+    parser.add_argument("--data", default="data/synthetic")
+    parser.add_argument("--out", default=None, help="run folder (default runs/virtues/<timestamp>)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--ckpt", default=None, help="skip training and evaluate this checkpoint")
+    parser.add_argument("--max-crops", type=int, default=64)
+    parser.add_argument("--marker-max-crops", type=int, default=2,
+                        help="crops per dataset for marker masking (C forward passes each; CPU budget)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainer-arg", action="append", default=[],
+                        help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from datamodules.store import DatasetStore
+    from experiments.virtues_reconstruct import run as reconstruct
+
+    t_start = time.perf_counter()
+    run_dir = Path(args.out or f"runs/virtues/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = DatasetStore(args.data)
+    held_out = store.tissue_ids(args.split)
+    if not held_out:
+        raise SystemExit(f"error: {args.data}: no tissue in split {args.split!r}")
+
+    metrics, steps = None, 0
+    if args.ckpt:
+        ckpt = args.ckpt
+    else:
+        ckpt, metrics, steps = train(args.config, args.data, run_dir, args.trainer_arg)
+    train_minutes = (time.perf_counter() - t_start) / 60
+
+    t_eval = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eval_dir = run_dir / "reconstruction"
+    result = reconstruct(ckpt, [args.data], eval_dir, split=args.split, modality="imc", max_crops=args.max_crops,
+                         seed=args.seed, overwrite=True, device=device, marker_max_crops=args.marker_max_crops)
+    eval_minutes = (time.perf_counter() - t_eval) / 60
+    for name in ("summary.csv", "per_marker.csv", "summary_seen_unseen.csv"):
+        shutil.copyfile(eval_dir / name, run_dir / name)
+    figures = sorted(eval_dir.glob("*.png"), key=lambda p: (not p.name.startswith("pearson"), p.name))
+    curve = plot_training(metrics, run_dir / "training_curves.png")
+    if curve:
+        figures.insert(0, curve)
+
+    hp = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    skipped = pd.read_csv(eval_dir / "skipped_markers.csv")
+    per_marker = result.per_marker
+    info = {
+        "data": args.data, "split": args.split, "n_tissues": len(held_out),
+        "n_crops": sum(result.settings["n_crops"].values()),
+        "n_marker_crops": result.settings.get("crops_scored_per_strategy", {}).get("marker", 0),
+        "n_markers": per_marker["marker"].nunique(), "d_model": hp.get("d_model", "?"),
+        "encoder_pattern": hp.get("encoder_pattern", "?"), "decoder_pattern": hp.get("decoder_pattern", "?"),
+        "steps": steps, "train_minutes": train_minutes, "eval_minutes": eval_minutes,
+        "total_minutes": (time.perf_counter() - t_start) / 60, "device": device,
+        "skipped": [str(m) for m in skipped["marker"]],
+        "command": "make exp-virtues  # = python -m experiments.virtues_experiment "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    report = write_report(run_dir, result.summary, per_marker, result.summary_seen_unseen, info, figures)
+    log_to_wandb(run_dir, result.summary, per_marker, figures)
+    print(result.summary.to_string(index=False))
+    print(f"trained {steps} steps in {train_minutes:.1f} min, evaluated in {eval_minutes:.1f} min, "
+          f"total {info['total_minutes']:.1f} min")
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Masked-reconstruction evaluation of a VirTues checkpoint (paper Fig. 2a–d, zero-shot Fig. 2h).
+
+    python -m experiments.virtues_reconstruct --ckpt C --data DIR [--data DIR2 ...] --out OUT \\
+        [--split test] [--modality imc] [--max-crops 64] [--seed 0] [--overwrite] \\
+        [--config config.json]  (when --ckpt is an official model.safetensors)
+        [--embeddings DIR ...] [--allow-missing-table-rows] [--marker-max-crops N] [--batch-size 16]
+
+Crops: the non-overlapping 128×128 grid (from the top-left corner, whole crops only) of every tissue
+of ``--split``, kept when at least ``--min-tissue-fraction`` of the crop is tissue (stored tissue
+mask), at most ``--max-crops`` per dataset (a seeded, sorted random subset when there are more).
+Each crop is read and preprocessed by the training DataModule's own dataset
+(``VirTuesCropDataset`` with ``augment=False, masking=False``, no channel dropout), so the pixels are
+exactly those the model was trained on; the blur setting comes from the checkpoint's DataModule
+settings when it has them (``--crop-size`` is 128 unless given). Channels a tissue did not measure
+(``channels_per_tissue``) are left out of that tissue's crops. The ``most_correlated`` baseline is fitted on the same grid of the
+``--fit-split`` (train) tissues.
+
+Markers: the checkpoint stores the UniProt id order of its marker table; the table is rebuilt from
+the evaluated datasets' ``marker_embeddings`` (plus ``--embeddings`` folders) in that order. Markers
+of the evaluated panel absent from it are appended (zero-shot, ``seen=False``) when an embedding
+exists; channels without a UniProt id, failing QC or without any embedding are listed in the log
+and ``skipped_markers.csv``.
+
+Outputs (written to a temporary folder, renamed to ``--out`` when complete): ``per_marker.csv``,
+``summary.csv`` (``strategy,method,pearson_r,f1``), ``summary_seen_unseen.csv``,
+``summary_per_dataset.csv``, ``baseline_fits.csv``, ``skipped_markers.csv``, ``evaluation.json``,
+``reconstruction.log`` and PNG figures. See :mod:`analysis.virtues_reconstruction` for the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.virtues_reconstruction import (
+    STRATEGIES,
+    EvalCrop,
+    MarkerVocabulary,
+    ReconstructionError,
+    ReconstructionResult,
+    build_marker_vocabulary,
+    evaluate_reconstruction,
+    write_outputs,
+)
+from datamodules import layout
+from datamodules.sampling import tissue_fraction_grid
+from datamodules.store import DatasetStore, StoreError
+
+log = logging.getLogger("experiments.virtues_reconstruct")
+
+
+# ============================================================================================
+# Model
+# ============================================================================================
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # VirTues
+    trained_ids: list[str] | None  # None: official weights, no stored marker order
+    data_hparams: dict
+    source: str
+
+
+def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_from: Sequence[str] = ()) -> LoadedModel:
+    """A Lightning checkpoint of :class:`VirTuesModule`, or official ``model.safetensors`` (+ ``config``)."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such file")
+    if ckpt.is_dir() or ckpt.suffix == ".safetensors":
+        from lightning_modules.components.virtues import VirTues
+
+        model = VirTues.from_pretrained(ckpt, config=config)
+        ids = None
+        if official_ids_from:  # the official table = sorted listing of its embedding folder
+            from lightning_modules.components.marker_embeddings import list_marker_ids
+
+            ids = sorted({u for folder in official_ids_from for u in list_marker_ids(folder)})
+        return LoadedModel(model, ids, {}, str(ckpt))
+    from lightning_modules.virtues import VirTuesModule
+
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    # marker_table_dir / pretrained_weights may point at files of the training machine: the state dict
+    # holds every weight, and the table is rebuilt below from the evaluated datasets.
+    module = VirTuesModule.load_from_checkpoint(ckpt, map_location="cpu", marker_table_dir=None, pretrained_weights=None)
+    ids = raw.get("virtues_marker_uniprot_ids") or raw.get("hyper_parameters", {}).get("marker_uniprot_ids")
+    if not ids:
+        raise ReconstructionError(f"{ckpt}: the checkpoint stores no marker table order (virtues_marker_uniprot_ids); "
+                                  "it was not written by VirTuesModule after the DataModule set its table")
+    return LoadedModel(module.model, list(ids), dict(raw.get("datamodule_hyper_parameters", {}) or {}), str(ckpt))
+
+
+# ============================================================================================
+# Data
+# ============================================================================================
+
+
+def available_embeddings(stores: Sequence[DatasetStore], folders: Sequence[str | Path] = ()) -> dict[str, torch.Tensor]:
+    """UniProt id -> embedding from the datasets' ``marker_embeddings`` then the extra folders (first wins)."""
+    from lightning_modules.components.marker_embeddings import load_marker_embeddings
+
+    out: dict[str, torch.Tensor] = {}
+    for store in stores:
+        for uid in store.embedding_ids():
+            out.setdefault(uid, store.embedding(uid))
+    for folder in folders:
+        table, ids = load_marker_embeddings(folder, expected_dim=None)
+        for uid, row in zip(ids, table):
+            out.setdefault(uid, row)
+    return out
+
+
+def _uid(value: Any) -> str | None:
+    return str(value) if isinstance(value, str) and layout.is_uniprot_id(value) else None
+
+
+def channel_plan(store: DatasetStore, modality: str, vocab: MarkerVocabulary) -> tuple[list[int], list[dict]]:
+    """Positions of the evaluated channels, and one skipped-marker row (with its reason) per other channel."""
+    channels = store.channels(modality)
+    keep, skipped = [], []
+    for i, row in channels.reset_index(drop=True).iterrows():
+        name, raw_uid = str(row["channel_name"]), row.get("uniprot_id")
+        uid = _uid(raw_uid)
+        reason = None
+        qc = row.get("qc_pass", True)
+        if not pd.isna(qc) and not bool(qc):
+            reason = "qc_pass is false"
+        elif uid is None:
+            reason = "no valid UniProt id in channels.parquet"
+        elif uid in vocab.missing_trained:
+            reason = "in the checkpoint's table but no embedding file was found (pass --embeddings)"
+        elif not vocab.usable(uid):
+            reason = "no marker embedding (<UniProtID>.pt) in any marker_embeddings folder"
+        if reason:
+            skipped.append({"dataset": store.name, "marker": name, "uniprot_id": None if pd.isna(raw_uid) else str(raw_uid),
+                            "reason": reason})
+        else:
+            keep.append(i)
+    return keep, skipped
+
+
+def grid_corners(shape: tuple[int, int], crop: int, mask: np.ndarray | None, min_tissue: float) -> np.ndarray:
+    """Top-left corners of the whole non-overlapping ``crop`` squares with enough tissue."""
+    H, W = shape
+    if H < crop or W < crop:
+        return np.zeros((1, 2), dtype=np.int64)  # one zero-padded crop, as the training loader does
+    ys, xs = np.meshgrid(np.arange(H // crop) * crop, np.arange(W // crop) * crop, indexing="ij")
+    corners = np.stack([ys.ravel(), xs.ravel()], 1).astype(np.int64)
+    if mask is None or min_tissue <= 0:
+        return corners
+    frac = tissue_fraction_grid(mask, crop)
+    return corners[frac.ravel() >= min_tissue]
+
+
+def load_crops(
+    store: DatasetStore,
+    name: str,
+    modality: str,
+    split: str,
+    keep: Sequence[int],
+    vocab: MarkerVocabulary,
+    max_crops: int,
+    seed: int,
+    crop_size: int = 128,
+    patch_size: int = 8,
+    blur: bool = True,
+    mpp: float | None = None,
+    min_tissue: float = 0.3,
+) -> list[EvalCrop]:
+    """Grid crops of one dataset split, preprocessed by the training dataset class."""
+    from datamodules.preprocess import MultiplexPreprocessor
+    from datamodules.virtues import VirTuesCropDataset, VirTuesTissue
+
+    mpp = mpp if mpp is not None else store.resolutions(modality)[0]
+    stats = store.standardization(modality, mpp)
+    if stats is None:
+        raise StoreError(f"{store.url}: no standardization statistics for {modality} at {mpp} µm/px; run "
+                         f"`python -m datamodules.preprocess stats {store.url} --modality {modality}`")
+    channels = store.channels(modality).reset_index(drop=True)
+    measured_table = store.channels_per_tissue(modality)
+    row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
+    candidates: list[tuple[VirTuesTissue, int]] = []
+    tissues: list[VirTuesTissue] = []
+    for tid in store.tissue_ids(split):
+        if tid not in store.image_ids(modality, mpp):
+            log.warning("%s: tissue %s (split %s) has no %s image at %g µm/px; skipped", store.url, tid, split, modality, mpp)
+            continue
+        idx = list(keep)
+        if measured_table is not None and tid in measured_table.index:
+            measured = measured_table.loc[tid]
+            unmeasured = [i for i in idx if channels.loc[i, "channel_name"] in measured.index
+                          and not bool(measured[channels.loc[i, "channel_name"]])]
+            if unmeasured:
+                log.info("%s/%s: %d channels not measured in this tissue are left out: %s", name, tid, len(unmeasured),
+                         [channels.loc[i, "channel_name"] for i in unmeasured])
+            idx = [i for i in idx if i not in set(unmeasured)]
+        if not idx:
+            continue
+        names = [str(channels.loc[i, "channel_name"]) for i in idx]
+        uids = [str(channels.loc[i, "uniprot_id"]) for i in idx]
+        image = store.image(modality, tid, mpp)
+        shape = tuple(image.shape[1:])
+        corners = grid_corners(shape, crop_size, store.tissue_mask(tid, mpp), min_tissue)
+        if not len(corners):
+            continue
+        uq, means, stds = stats.for_tissue(tid, names)
+        tissue = VirTuesTissue(store.url, modality, tid, mpp, np.array(idx, dtype=np.int64),
+                               np.array([row_of[u] for u in uids], dtype=np.int64), uq, means, stds, corners, shape)
+        tissues.append(tissue)
+        candidates += [(tissue, k) for k in range(len(corners))]
+    if not candidates:
+        return []
+    order = np.arange(len(candidates))
+    if max_crops and len(candidates) > max_crops:
+        order = np.sort(np.random.default_rng(seed).choice(len(candidates), max_crops, replace=False))
+    dataset = VirTuesCropDataset(tissues, crop_size=crop_size, subimage_size=crop_size, sampling="tiles",
+                                 patch_size=patch_size, augment=False, channel_dropout=0.0, blur=blur, masking=False)
+    position = {id(t): i for i, t in enumerate(tissues)}
+    crops = []
+    for j in order:
+        tissue, k = candidates[j]
+        t = position[id(tissue)]
+        item = dataset[int(dataset.offsets[t] + k)]
+        names = [str(channels.loc[i, "channel_name"]) for i in tissue.channel_index]
+        uids = [str(channels.loc[i, "uniprot_id"]) for i in tissue.channel_index]
+        y, x = (int(v) for v in tissue.corners[k])
+        crops.append(EvalCrop(name, tissue.tissue_id, y, x, item["image"], item["marker_ids"], names, uids,
+                              MultiplexPreprocessor(tissue.upper_q, tissue.means, tissue.stds, blur=blur)))
+    return crops
+
+
+# ============================================================================================
+# Run
+# ============================================================================================
+
+
+def run(
+    ckpt: str | Path,
+    data: Sequence[str | Path],
+    out: str | Path,
+    split: str = "test",
+    modality: str = "imc",
+    max_crops: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    config: str | Path | None = None,
+    embeddings: Sequence[str | Path] = (),
+    allow_missing_table_rows: bool = False,
+    batch_size: int = 16,
+    min_tissue_fraction: float = 0.3,
+    fit_split: str = "train",
+    max_fit_crops: int = 64,
+    mpp: float | None = None,
+    strategies: Sequence[str] = STRATEGIES,
+    device: str = "cpu",
+    figures: bool = True,
+    marker_max_crops: int | None = None,
+    crop_size: int = 128,
+) -> ReconstructionResult:
+    """Load, build crops, evaluate, write ``out``; returns the result tables."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    watched = [logging.getLogger(n) for n in ("analysis", "experiments")]
+    old_levels = [lg.level for lg in watched]
+    for lg in watched:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        t0 = time.perf_counter()
+        loaded = load_model(ckpt, config, official_ids_from=embeddings)
+        stores = [DatasetStore(d) for d in data]
+        names = _unique_names([s.name for s in stores])
+        for s in stores:
+            if modality not in s.modalities():
+                raise StoreError(f"{s.url}: no modality {modality!r} (has {s.modalities()}); pass --modality")
+        available = available_embeddings(stores, embeddings)
+        needed = [u for s in stores for u in (_uid(v) for v in s.channels(modality).get("uniprot_id", [])) if u]
+        vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, allow_missing_table_rows)
+        if loaded.trained_ids is None and not embeddings:
+            log.warning("official weights carry no marker list: every marker is counted as seen (pass --embeddings "
+                        "<official marker_embeddings folder> to use the official table order and seen/unseen split)")
+        model = loaded.model
+        model.set_marker_table(vocab.embeddings, vocab.uniprot_ids)
+        model.to(device)
+        dm = loaded.data_hparams
+        crop_size = int(crop_size)
+        if int(dm.get("crop_size", crop_size)) != crop_size:
+            log.warning("the checkpoint was trained on %s-px crops; evaluating %d-px crops", dm.get("crop_size"), crop_size)
+        blur = bool(dm.get("blur", True))
+        patch = int(getattr(model, "patch_size", 8))
+
+        crops, fit_crops, skipped = [], [], []
+        for store, name in zip(stores, names):
+            keep, skip = channel_plan(store, modality, vocab)
+            for row in skip:
+                row["dataset"] = name
+                log.warning("%s: marker %s (UniProt %s) not evaluated: %s", name, row["marker"], row["uniprot_id"], row["reason"])
+            skipped += skip
+            if not keep:
+                log.warning("%s: no evaluable channel", name)
+                continue
+            kw = dict(crop_size=crop_size, patch_size=patch, blur=blur, mpp=mpp, min_tissue=min_tissue_fraction)
+            got = load_crops(store, name, modality, split, keep, vocab, max_crops, seed, **kw)
+            if not got:
+                raise ReconstructionError(f"{store.url}: no {crop_size}-px crop with >= {min_tissue_fraction:.0%} tissue in split "
+                                          f"{split!r} (tissues: {store.tissue_ids(split)}); check --split or lower "
+                                          "--min-tissue-fraction")
+            log.info("%s: %d crops of split %s, %d channels", name, len(got), split, len(keep))
+            crops += got
+            if "marker" in strategies:
+                fit_crops += load_crops(store, name, modality, fit_split, keep, vocab, max_fit_crops, seed, **kw)
+        if not crops:
+            raise ReconstructionError("no dataset has an evaluable channel and crop")
+        result = evaluate_reconstruction(model, crops, fit_crops, strategies, seed, batch_size, vocab.seen, patch, device,
+                                         marker_max_crops=marker_max_crops)
+        summary = result.summary
+        log.info("summary (mean over markers):\n%s", summary.to_string(index=False))
+        info = {"ckpt": str(ckpt), "data": [str(d) for d in data], "split": split, "modality": modality,
+                "max_crops": max_crops, "min_tissue_fraction": min_tissue_fraction, "fit_split": fit_split,
+                "crop_size": crop_size, "blur": blur, "n_table_rows": len(vocab.uniprot_ids),
+                "unseen_markers": [u for u, s in vocab.seen.items() if not s],
+                "missing_trained_rows": vocab.missing_trained, "seconds_total": time.perf_counter() - t0}
+        skipped_df = pd.DataFrame(skipped, columns=["dataset", "marker", "uniprot_id", "reason"])
+        write_outputs(result, out, skipped_df, info, overwrite=overwrite, figures=figures,
+                      extra_files={"reconstruction.log": buffer.getvalue()})
+    finally:
+        for lg, lvl in zip(watched, old_levels):
+            lg.removeHandler(handler)
+            lg.setLevel(lvl)
+    return result
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    out, count = [], {}
+    for n in names:
+        count[n] = count.get(n, 0) + 1
+        out.append(n if count[n] == 1 else f"{n}_{count[n]}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.virtues_reconstruct", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint (.ckpt) or official model.safetensors")
+    p.add_argument("--config", default=None, help="config.json for official weights (default: next to them)")
+    p.add_argument("--data", action="append", required=True, help="evaluated dataset folder (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--modality", default="imc")
+    p.add_argument("--mpp", type=float, default=None, help="resolution (default: the dataset's first)")
+    p.add_argument("--max-crops", type=int, default=64, help="at most this many crops per dataset")
+    p.add_argument("--marker-max-crops", type=int, default=None,
+                   help="marker masking runs C forward passes per crop: use at most this many crops per dataset for it "
+                        "(default: all evaluated crops)")
+    p.add_argument("--crop-size", type=int, default=128, help="evaluated crop size in pixels (the paper's 128)")
+    p.add_argument("--min-tissue-fraction", type=float, default=0.3)
+    p.add_argument("--fit-split", default="train", help="split the most-correlated baseline is fitted on")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    p.add_argument("--embeddings", action="append", default=[], help="extra marker_embeddings folder (repeatable)")
+    p.add_argument("--allow-missing-table-rows", action="store_true",
+                   help="checkpoint markers without any embedding become unused NaN rows instead of an error")
+    p.add_argument("--batch-size", type=int, default=16, help="samples (crop variants) per forward pass")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        result = run(args.ckpt, args.data, args.out, args.split, args.modality, args.max_crops, args.seed, args.overwrite,
+                     args.config, args.embeddings, args.allow_missing_table_rows, args.batch_size, args.min_tissue_fraction,
+                     args.fit_split, mpp=args.mpp, strategies=strategies, device=args.device,
+                     marker_max_crops=args.marker_max_crops, crop_size=args.crop_size)
+    except (FileExistsError, FileNotFoundError, ReconstructionError, StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary.to_string(index=False))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
