@@ -50,9 +50,7 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +63,7 @@ from analysis.rosie_metrics import METRIC_COLUMNS, SamplePatches, evaluate_sampl
 from datamodules.markers import canonical_marker, match_markers
 from datamodules.sampling import block_means, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
+from analysis.outputs import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,29 +137,6 @@ def detect_stride(pred_mpp: float, truth_mpp: float, name: str = "prediction") -
 # Atomic output, logging
 # ============================================================================================
 
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; renamed to ``out_dir`` when the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{tag}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 @contextlib.contextmanager

@@ -50,9 +50,7 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.virtues.masking import independent_mask, niche_mask
+from analysis.outputs import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -658,29 +657,6 @@ def summarise_per_dataset(per_marker: pd.DataFrame) -> pd.DataFrame:
 # Output
 # ============================================================================================
 
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; renamed to ``out_dir`` when the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{tag}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _json_default(o: Any) -> Any:
