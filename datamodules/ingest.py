@@ -91,15 +91,20 @@ class IngestResult:
 # ============================================================================================
 
 
-def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
-    """Channel Name attributes of the first OME Image, or None when any is absent."""
+def _ome_pixels(ome_xml: str | None):  # type: ignore[no-untyped-def]
+    """The `Pixels` element of the first OME Image, or None (no/invalid OME-XML)."""
     if not ome_xml:
         return None
     try:
         root = ET.fromstring(ome_xml)
     except ET.ParseError:
         return None
-    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    return next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+
+
+def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
+    """Channel Name attributes of the first OME Image, or None when any is absent."""
+    pixels = _ome_pixels(ome_xml)
     if pixels is None:
         return None
     channels = [el for el in pixels if el.tag.endswith("}Channel") or el.tag == "Channel"]
@@ -110,13 +115,7 @@ def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
 
 
 def _ome_mpp(ome_xml: str | None) -> float | None:
-    if not ome_xml:
-        return None
-    try:
-        root = ET.fromstring(ome_xml)
-    except ET.ParseError:
-        return None
-    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    pixels = _ome_pixels(ome_xml)
     if pixels is None or pixels.get("PhysicalSizeX") is None:
         return None
     size = float(pixels.get("PhysicalSizeX"))

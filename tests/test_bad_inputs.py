@@ -179,17 +179,24 @@ def case_missing_split_column(tmp: Path) -> None:
     DatasetStore(root).tissue_ids(split="train")
 
 
-def case_no_tissue_pixels(tmp: Path) -> None:
-    from datamodules.rosie import RosieDataModule
-
+def _he_codex_dataset(tmp: Path, codex_shape: tuple[int, int], tissue_mask: np.ndarray | None = None) -> Path:
+    """One tissue with a 64×64 H&E and a 2-marker CODEX image of `codex_shape`."""
     root = tmp / "out" / "ds"
     rng = np.random.default_rng(0)
     with DatasetWriter.create(root) as w:
         w.write_image("he", "t0", (rng.random((3, 64, 64)) * 255).astype(np.uint8), 0.5, ["R", "G", "B"])
-        w.write_image("codex", "t0", rng.random((2, 64, 64), dtype=np.float32), 0.5, ["CD45", "PanCK"])
+        w.write_image("codex", "t0", rng.random((2, *codex_shape), dtype=np.float32), 0.5, ["CD45", "PanCK"])
         w.write_channels("codex", pd.DataFrame({"channel_name": ["CD45", "PanCK"], "uniprot_id": [None, None]}))
-        w.write_tissue_mask("t0", 0.5, np.zeros((64, 64), bool))
+        if tissue_mask is not None:
+            w.write_tissue_mask("t0", 0.5, tissue_mask)
         w.write_tissues(pd.DataFrame({"tissue_id": ["t0"], "split": ["train"]}))
+    return root
+
+
+def case_no_tissue_pixels(tmp: Path) -> None:
+    from datamodules.rosie import RosieDataModule
+
+    root = _he_codex_dataset(tmp, (64, 64), tissue_mask=np.zeros((64, 64), bool))
     dm = RosieDataModule([str(root)], marker_names=["CD45", "PanCK"], target_scale="none")
     dm.setup("fit")
     dm.train_dataloader()
@@ -207,13 +214,7 @@ def case_marker_without_embedding(tmp: Path) -> None:
 def case_he_not_on_codex_grid(tmp: Path) -> None:
     from datamodules.rosie import RosieDataModule
 
-    root = tmp / "out" / "ds"
-    rng = np.random.default_rng(0)
-    with DatasetWriter.create(root) as w:
-        w.write_image("he", "t0", (rng.random((3, 64, 64)) * 255).astype(np.uint8), 0.5, ["R", "G", "B"])
-        w.write_image("codex", "t0", rng.random((2, 48, 64), dtype=np.float32), 0.5, ["CD45", "PanCK"])
-        w.write_channels("codex", pd.DataFrame({"channel_name": ["CD45", "PanCK"], "uniprot_id": [None, None]}))
-        w.write_tissues(pd.DataFrame({"tissue_id": ["t0"], "split": ["train"]}))
+    root = _he_codex_dataset(tmp, (48, 64))
     RosieDataModule([str(root)], marker_names=["CD45", "PanCK"], target_scale="none").setup("fit")
 
 
