@@ -89,6 +89,20 @@ class IngestResult:
 # ============================================================================================
 # Reading images
 # ============================================================================================
+#: What to do about an image too large to ingest in one piece.
+TOO_LARGE_FIX = ("ingest reads an image whole; crop or tile it first (or raise VIRTUPLEX_MAX_IMAGE_GB on a machine "
+                 "with that much memory). To predict multiplex from a huge H&E, give the TIFF to rosie_predict, which streams it")
+
+
+def check_size(path: str | Path, shape: Sequence[int], dtype: Any, what: str = "image") -> None:
+    """Refuse, from the header alone, an image that would not fit in memory (see datamodules.limits)."""
+    from datamodules.limits import ImageTooLargeError, check_in_memory
+
+    try:
+        check_in_memory(shape, dtype, str(path), "")
+    except ImageTooLargeError as exc:
+        raise IngestError(path, "size", f"{what} {str(exc).split(': ', 1)[1].strip().rstrip('.')}", TOO_LARGE_FIX) from None
+
 
 
 def _ome_pixels(ome_xml: str | None):  # type: ignore[no-untyped-def]
@@ -133,12 +147,15 @@ def read_tiff(path: Path) -> LoadedImage:
             series = tif.series[0]
             level = series.levels[0] if getattr(series, "levels", None) else series
             axes = level.axes
+            check_size(path, level.shape, level.dtype)
             array = level.asarray()
             names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
             if names is None and tif.is_imagej:
                 labels = (tif.imagej_metadata or {}).get("Labels")
                 names = [str(n) for n in labels] if isinstance(labels, list) else None
             mpp = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
+    except IngestError:
+        raise
     except (tifffile.TiffFileError, OSError, ValueError) as exc:
         raise IngestError(path, "file", f"cannot be read as TIFF ({exc})", "pass an OME-TIFF/TIFF image or a folder of TIFFs") from exc
     return LoadedImage(array, names, mpp, str(path), axes)
@@ -153,6 +170,8 @@ def read_folder(path: Path) -> LoadedImage:
     if not files:
         raise IngestError(path, "folder", "holds no .tif/.tiff file", "put one single-channel TIFF per marker in the folder")
     names = [re.sub(r"\.ome$", "", f.stem) for f in files]
+    with tifffile.TiffFile(files[0]) as first:  # the stack of all planes must fit, not just one
+        check_size(path, (len(files),) + tuple(first.series[0].shape), first.series[0].dtype, f"stack of {len(files)} planes")
     planes, shape, dtype = [], None, None
     for f in files:
         plane = np.squeeze(read_tiff(f).array)
@@ -180,6 +199,8 @@ def read_any(path: Path) -> LoadedImage:
     if path.suffix.lower() in RASTER_SUFFIXES:
         import imageio.v3 as iio
 
+        props = iio.improps(path)
+        check_size(path, props.shape, props.dtype)
         return LoadedImage(np.asarray(iio.imread(path)), None, None, str(path), "YXS")
     raise IngestError(path, "file type", f"unsupported extension {path.suffix!r}",
                       "convert to OME-TIFF (multiplex) or TIFF/PNG (H&E), or pass a folder of single-channel TIFFs")
@@ -361,9 +382,13 @@ def read_mask(path: Path, what: str) -> np.ndarray:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                check_size(path, tif.series[0].shape, tif.series[0].dtype, what)
+                arr = tif.series[0].asarray()
         elif suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            check_size(path, arr.shape, arr.dtype, what)
+            arr = np.asarray(arr)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 arr = data["mask"] if "mask" in data else data[list(data.keys())[0]]

@@ -60,14 +60,18 @@ class RosiePatchDataset(Dataset):
 
     def __init__(self, tissues: Sequence[RosieTissue], patch_size: int = 128, block: int = 8,
                  augment: bool = False, seed: int = 0,
-                 jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.05)):
+                 jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.05),
+                 center_crop: int | None = None, chunk_cache_mb: float = 0):
+        if center_crop is not None and not 0 < center_crop <= patch_size:
+            raise ValueError(f"center_crop must be in 1..patch_size={patch_size}, got {center_crop}")
         self.tissues = list(tissues)
         self.patch_size = patch_size
+        self.read_size = center_crop or patch_size
         self.block = block
         self.augment = augment
         self.seed = seed
         self.jitter = jitter
-        self.cache = StoreCache()
+        self.cache = StoreCache(chunk_cache_mb)
         counts = np.array([len(t.blocks) for t in self.tissues])
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.total = int(self.offsets[-1])
@@ -86,10 +90,11 @@ class RosiePatchDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         epoch, index = split_index(index)
         tissue, by, bx = self._locate(index)
-        half = self.patch_size // 2
+        # the patch_size patch centred on the block, or its centre read_size px (what the model's crop keeps)
+        offset = -(self.patch_size // 2) + (self.patch_size - self.read_size) // 2
         cy, cx = by * self.block + self.block // 2, bx * self.block + self.block // 2
         image = self.cache.image(tissue.root, "he", tissue.tissue_id, tissue.he_mpp)
-        patch = torch.from_numpy(read_padded(image, cy - half, cx - half, self.patch_size, self.patch_size, fill=255))
+        patch = torch.from_numpy(read_padded(image, cy + offset, cx + offset, self.read_size, self.read_size, fill=255))
         if self.augment:
             patch = self._augment(patch, np.random.default_rng(derive_seed(self.seed, epoch, index)))
         return {
@@ -116,12 +121,13 @@ class RosiePatchDataset(Dataset):
 class RosieTissueDataset(Dataset):
     """Whole validation tissues (a centred region) for SSIM on stitched predictions."""
 
-    def __init__(self, tissues: Sequence[RosieTissue], region_px: int = 128, patch_size: int = 128, block: int = 8):
+    def __init__(self, tissues: Sequence[RosieTissue], region_px: int = 128, patch_size: int = 128, block: int = 8,
+                 chunk_cache_mb: float = 0):
         self.tissues = list(tissues)
         self.region_px = region_px
         self.patch_size = patch_size
         self.block = block
-        self.cache = StoreCache()
+        self.cache = StoreCache(chunk_cache_mb)
 
     def __len__(self) -> int:
         return len(self.tissues)
@@ -166,6 +172,12 @@ class RosieDataModule(L.LightningDataModule):
             map back to measured units.
         min_tissue_fraction: a block is a training example when at least this fraction is tissue.
         train_samples_per_epoch: random blocks per epoch (None = every block once).
+        center_crop: read only the central this-many px of each patch. Linked by the CLI from
+            ``model.input_center_crop``: a model that keeps only the centre never sees the rest, so
+            training need not read or augment it (the colour-contrast jitter then uses the mean of
+            the pixels the model sees). Prediction still feeds whole patches; the model crops.
+        chunk_cache_mb: per-process budget of decoded Zarr chunks kept in memory (LRU), so random
+            crops that revisit a tile skip the decode; 0 disables it.
     """
 
     def __init__(
@@ -184,6 +196,8 @@ class RosieDataModule(L.LightningDataModule):
         target_scale: str = "std",
         augment: bool = True,
         seed: int = 0,
+        center_crop: int | None = None,
+        chunk_cache_mb: float = 512,
     ):
         super().__init__()
         # the panel is the model's hyperparameter (linked by the CLI); kept out of ours to avoid a clash
@@ -313,22 +327,27 @@ class RosieDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        ds = RosiePatchDataset(self.tissues["train"], hp.patch_size, hp.block, hp.augment, hp.seed)
+        ds = RosiePatchDataset(self.tissues["train"], hp.patch_size, hp.block, hp.augment, hp.seed,
+                               center_crop=hp.center_crop, chunk_cache_mb=hp.chunk_cache_mb)
         n = min(hp.train_samples_per_epoch, ds.total) if hp.train_samples_per_epoch else None
         return self._loader(ds, shuffle=True, num_samples=n)
 
     def val_dataloader(self) -> list[DataLoader]:
         hp = self.hparams
         tissues = self.tissues["val"] or self.tissues["test"]
-        patches = RosiePatchDataset(tissues, hp.patch_size, hp.block, False, hp.seed)
+        patches = RosiePatchDataset(tissues, hp.patch_size, hp.block, False, hp.seed,
+                                    center_crop=hp.center_crop, chunk_cache_mb=hp.chunk_cache_mb)
         if hp.val_samples and hp.val_samples < patches.total:
             idx = np.random.default_rng(hp.seed).choice(patches.total, hp.val_samples, replace=False)
             patches = torch.utils.data.Subset(patches, sorted(idx.tolist()))
         loaders = [self._loader(patches, shuffle=False)]
         if hp.ssim_region_px:
-            loaders.append(self._loader(RosieTissueDataset(tissues, hp.ssim_region_px, hp.patch_size, hp.block), False, 1, _single_item_collate))
+            loaders.append(self._loader(RosieTissueDataset(tissues, hp.ssim_region_px, hp.patch_size, hp.block,
+                                                                 hp.chunk_cache_mb), False, 1, _single_item_collate))
         return loaders
 
     def test_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return self._loader(RosiePatchDataset(self.tissues["test"], hp.patch_size, hp.block, False, hp.seed), shuffle=False)
+        test = RosiePatchDataset(self.tissues["test"], hp.patch_size, hp.block, False, hp.seed,
+                                 center_crop=hp.center_crop, chunk_cache_mb=hp.chunk_cache_mb)
+        return self._loader(test, shuffle=False)

@@ -11,26 +11,36 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from datamodules.chunk_cache import ChunkCachedImage, DecodedChunkCache
 from datamodules.store import DatasetStore, ImageArray
 
 
 class StoreCache:
-    """Per-process cache of DatasetStore and ImageArray handles, dropped on pickling."""
+    """Per-process cache of DatasetStore and ImageArray handles, dropped on pickling.
 
-    def __init__(self) -> None:
+    With ``chunk_cache_mb > 0`` images are returned as :class:`ChunkCachedImage`, so crops that
+    revisit a tile copy decoded pixels instead of decoding the chunk again (each process, i.e.
+    each DataLoader worker, holds at most that many MB).
+    """
+
+    def __init__(self, chunk_cache_mb: float = 0) -> None:
+        if chunk_cache_mb < 0:
+            raise ValueError(f"chunk_cache_mb must be >= 0, got {chunk_cache_mb}")
+        self.chunk_cache_mb = chunk_cache_mb
         self._stores: dict[str, DatasetStore] = {}
-        self._images: dict[tuple, ImageArray] = {}
+        self._images: dict[tuple, ImageArray | ChunkCachedImage] = {}
+        self._chunks = DecodedChunkCache(int(chunk_cache_mb * 2**20)) if chunk_cache_mb > 0 else None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {}
+        return {"chunk_cache_mb": self.chunk_cache_mb}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(**state)
 
     def _check_pid(self) -> None:
         if os.getpid() != self._pid:  # forked worker: handles of the parent are not reused
-            self.__init__()
+            self.__init__(self.chunk_cache_mb)
 
     def store(self, root: str) -> DatasetStore:
         self._check_pid()
@@ -38,15 +48,16 @@ class StoreCache:
             self._stores[root] = DatasetStore(root)
         return self._stores[root]
 
-    def image(self, root: str, modality: str, tissue_id: str, mpp: float) -> ImageArray:
+    def image(self, root: str, modality: str, tissue_id: str, mpp: float) -> ImageArray | ChunkCachedImage:
         key = (root, modality, tissue_id, mpp)
         self._check_pid()
         if key not in self._images:
-            self._images[key] = self.store(root).image(modality, tissue_id, mpp)
+            image = self.store(root).image(modality, tissue_id, mpp)
+            self._images[key] = ChunkCachedImage(image, self._chunks) if self._chunks is not None else image
         return self._images[key]
 
 
-def read_padded(image: ImageArray, y: int, x: int, h: int, w: int, channels: Sequence[int] | None = None,
+def read_padded(image: ImageArray | ChunkCachedImage, y: int, x: int, h: int, w: int, channels: Sequence[int] | None = None,
                 fill: float = 0) -> np.ndarray:
     """Read `[y:y+h, x:x+w]`, padding the parts outside the image with `fill`.
 

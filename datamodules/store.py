@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules import layout
+from datamodules.limits import ImageTooLargeError, check_in_memory
 
 SHARD_YX = 1024
 CHUNK_YX = 256
@@ -160,6 +161,11 @@ class ImageArray:
         c, height, width = self.shape
         if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > height or x + w > width:
             raise ValueError(f"{self.path}: crop y={y} x={x} h={h} w={w} is outside the image of size {height}×{width}")
+        n_channels = c if channels is None else len(list(channels))
+        try:
+            check_in_memory((n_channels, h, w), self.dtype, self.path, "Read it in crops (ImageArray.read) or tiles.")
+        except ImageTooLargeError as exc:
+            raise StoreError(str(exc)) from None
         self._check_shards(y, x, y + h, x + w)
         try:
             if channels is None:

@@ -69,7 +69,7 @@ class VirTuesCropDataset(Dataset):
     def __init__(self, tissues: Sequence[VirTuesTissue], crop_size: int = 128, subimage_size: int = 256,
                  sampling: str = "random", patch_size: int = 8, augment: bool = True,
                  mask_ratio: tuple[float, float] = (0.6, 1.0), channel_dropout: float = 0.25, blur: bool = True,
-                 masking: bool = True, seed: int = 0):
+                 masking: bool = True, seed: int = 0, chunk_cache_mb: float = 0):
         self.tissues = list(tissues)
         self.crop_size = crop_size
         self.subimage_size = subimage_size if sampling == "random" else crop_size
@@ -85,7 +85,7 @@ class VirTuesCropDataset(Dataset):
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         if self.offsets[-1] == 0:
             raise StoreError("no crops to sample: no sub-image/tile reaches the tissue threshold in this split")
-        self.cache = StoreCache()
+        self.cache = StoreCache(chunk_cache_mb)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -163,7 +163,8 @@ class VirTuesDataModule(L.LightningDataModule):
         mpp: resolution in µm/px (None = each dataset's first).
         sampling: `random` (paper: 4N sub-images of 256 px, random 128 crop) or `tiles` (official grid).
         min_tissue_fraction: sub-images below it are discarded (paper: 0.3).
-        eval_split_masking: validation crops are masked like training crops (official test split).
+        chunk_cache_mb: per-process budget of decoded Zarr chunks kept in memory (LRU): a 128-px crop
+            decodes a whole C×256×256 chunk, which later crops of the same sub-image reuse; 0 disables it.
     """
 
     def __init__(
@@ -184,6 +185,7 @@ class VirTuesDataModule(L.LightningDataModule):
         seed: int = 0,
         train_split: str = "train",
         val_split: str = "val",
+        chunk_cache_mb: float = 512,
     ):
         super().__init__()
         if sampling not in ("random", "tiles"):
@@ -264,7 +266,7 @@ class VirTuesDataModule(L.LightningDataModule):
         hp = self.hparams
         return VirTuesCropDataset(self.tissues[split], hp.crop_size, hp.subimage_size, hp.sampling, hp.patch_size, augment=train,
                                   mask_ratio=hp.mask_ratio, channel_dropout=hp.channel_dropout if train else 0.0, blur=hp.blur,
-                                  seed=hp.seed)
+                                  seed=hp.seed, chunk_cache_mb=hp.chunk_cache_mb)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams

@@ -3,6 +3,7 @@
     python -m experiments.rosie_predict --ckpt C --he IMAGE_OR_DATASET --out OUT [--stride 8]
         [--tissue-id ID | --split test] [--batch-size 64] [--ome-tiff] [--blend] [--cell-mask FILE]
         [--device auto|cpu|cuda] [--overwrite]
+        [--accelerator auto|cpu|gpu --devices N [--num-nodes K] [--strategy ddp]]
 
 ``--he`` is an H&E image file (TIFF/OME-TIFF/PNG/JPEG, RGB uint8; big TIFFs are read lazily) or a
 dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissues of a split.
@@ -11,11 +12,18 @@ dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissu
 histogram to the training set when known, patches/s), and optionally ``<tissue>.ome.tif`` and
 ``<tissue>.cells.h5ad``. The sliding window, padding and foreground policies are documented in
 :mod:`lightning_modules.rosie_inference`.
+
+Resumable: every tissue ends with a completion record (``qc/tissues/<tissue>.json``); a rerun skips
+tissues that are complete with the same stride and blending and redoes the rest (``--overwrite``
+redoes all). With ``--devices``/``--num-nodes`` the tissues are shared out under Lightning
+``predict`` (one tissue = one step; each tissue written by one rank; rank 0 merges the QC tables):
+``--accelerator gpu --devices 4``, or ``torchrun``/SLURM with ``--num-nodes`` as for training.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -51,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-hist", default=None, help="training-set H&E histograms (R,3,256) .npy/.npz for the W1 QC")
     p.add_argument("--no-rescale", action="store_true", help="keep the model's scaled outputs (skip the checkpoint's marker scales)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction of the same tissue")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo tissues that are already complete in OUT (default: skip them, so a rerun resumes)")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator (cpu, gpu, auto); with --devices, runs under Lightning predict")
+    p.add_argument("--devices", default=None, help="Lightning devices per node (an int or 'auto'): tissues are shared out across ranks")
+    p.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node prediction with torchrun / SLURM)")
+    p.add_argument("--strategy", default=None, help="Lightning strategy (default ddp when more than one device)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -98,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datamodules import layout
     from datamodules.store import StoreError
     from lightning_modules import rosie_inference as ri
+    from lightning_modules.rosie_tissue_prediction import TissueJob, pending_jobs
 
     try:
         ri.check_stride(args.stride)
@@ -110,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
                                     blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
                                     progress=not args.no_progress)
-        jobs = []
+        jobs: list = []
         if he.is_dir():
             from datamodules.store import DatasetStore
 
@@ -127,15 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise StoreError(f"{he}: no tissue in split {args.split!r}")
             if args.cell_mask and len(ids) > 1:
                 raise ValueError("--cell-mask is for a single tissue; with --split the stored cell masks are used")
-            for tid in ids:
-                jobs.append(("store", tid))
+            jobs = [TissueJob("store", tid) for tid in ids]
         else:
             if args.split:
                 raise ValueError("--split needs a dataset folder as --he")
-            jobs.append(("file", args.tissue_id or _default_tissue_id(he)))
+            jobs.append(TissueJob("file", args.tissue_id or _default_tissue_id(he)))
             ri.open_he_image(he)[0].close()  # refuse a bad image before loading the model
-        for _, tid in jobs:
-            layout.check_tissue_id(tid)
+        for job in jobs:
+            layout.check_tissue_id(job.tissue_id)
+        distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
+
+        todo, done = pending_jobs(jobs, args.out, options)
+        for job in done:
+            print(f"{job.tissue_id}: already complete in {args.out} (same stride), skipped; --overwrite redoes it")
+        if not todo:
+            return 0
 
         predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
                                                       trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
@@ -143,9 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reference is None:
             log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
         channel_table = ri.store_channel_table(str(he)) if he.is_dir() else None
-        for kind, tid in jobs:
-            if kind == "store":
-                image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), tid)
+
+        def run_job(job: TissueJob, predictor: ri.PatchPredictor, rank: int = 0) -> dict:
+            if job.source == "store":
+                image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), job.tissue_id)
             else:
                 image, file_mpp = ri.open_he_image(he)
                 mpp = args.mpp or file_mpp
@@ -155,15 +176,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tissue_mask, cell_mask, row = None, None, {"source": str(he)}
             if args.cell_mask:
                 cell_mask = load_cell_mask(args.cell_mask)
-            entry = ri.predict_to_dataset(image, predictor, args.out, tid, mpp, options, tissue_mask=tissue_mask,
-                                          cell_mask=cell_mask, reference_hists=reference, tissue_row=row,
-                                          channel_table=channel_table)
+            # a tissue without a completion record is a leftover of an interrupted run: redo it
+            job_options = dataclasses.replace(options, overwrite=True, progress=options.progress and rank == 0)
+            try:
+                entry = ri.predict_to_dataset(image, predictor, args.out, job.tissue_id, mpp, job_options,
+                                              tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference,
+                                              tissue_row=row, channel_table=channel_table, update_shared=not distributed)
+            finally:
+                if hasattr(image, "close"):
+                    image.close()
             dr = [v for v in entry["dynamic_range"].values() if v is not None]
-            print(f"{tid}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
+            print(f"{job.tissue_id}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
                   + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
-                  + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""))
-            if hasattr(image, "close"):
-                image.close()
+                  + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""),
+                  flush=True)
+            return entry
+
+        if distributed:
+            from lightning_modules.rosie_tissue_prediction import predict_tissues_distributed
+
+            devices = args.devices or "auto"
+            devices = int(devices) if str(devices).isdigit() else devices
+            strategy = args.strategy or ("ddp" if devices != 1 or args.num_nodes > 1 else "auto")
+            predict_tissues_distributed(predictor, todo, args.out, run_job, accelerator=args.accelerator or "auto",
+                                        devices=devices, num_nodes=args.num_nodes, strategy=strategy,
+                                        progress=not args.no_progress)
+        else:
+            for job in todo:
+                run_job(job, predictor)
     except (FileNotFoundError, ValueError, StoreError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

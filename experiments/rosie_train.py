@@ -27,6 +27,8 @@ class RosieCLI(VirtuplexCLI):
         parser.link_arguments("data.marker_names", "model.marker_names", compute_fn=panel)
         parser.link_arguments("data.marker_names", "model.num_markers", compute_fn=panel_size)
         parser.link_arguments("data.target_scales", "model.target_scales", apply_on="instantiate")
+        # a model that keeps only the patch centre: the data reads (and augments) only those pixels
+        parser.link_arguments("model.input_center_crop", "data.center_crop")
 
 
 def main(args: list[str] | None = None) -> RosieCLI:

@@ -260,6 +260,7 @@ class PatchPredictor:
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.marker_names = [str(m) for m in marker_names]
         self.input_scale = input_scale
+        self._amp_requested = amp
         self.amp = amp and self.device.type == "cuda"
         self.patch_size = patch_size
         self.meta = dict(meta or {})
@@ -275,6 +276,16 @@ class PatchPredictor:
     @property
     def num_markers(self) -> int:
         return len(self.marker_names)
+
+    def to(self, device: str | torch.device) -> "PatchPredictor":
+        """Move the network and its constants (a Lightning run decides each rank's device)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._scale, self._shift = self._scale.to(self.device), self._shift.to(self.device)
+        if self.scales is not None:
+            self.scales = self.scales.to(self.device)
+        self.amp = self._amp_requested and self.device.type == "cuda"
+        return self
 
     def prepare(self, patches: torch.Tensor) -> torch.Tensor:
         """uint8 -> float network input in one multiply-add, laid out in the model's memory format.
@@ -848,22 +859,89 @@ def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str
         del mm
 
 
-def _merge_qc(writer: DatasetWriter, tissue_id: str, entry: dict, per_marker: pd.DataFrame) -> None:
-    """Add one tissue to ``qc.json`` / ``qc.csv`` at the dataset root (atomic writes, other tissues kept)."""
+#: Per-tissue completion records: written last, so a tissue with a record has all its outputs.
+RECORDS_DIR = "qc/tissues"
+
+
+def record_path(tissue_id: str) -> str:
+    return f"{RECORDS_DIR}/{tissue_id}.json"
+
+
+def _write_record(writer: DatasetWriter, tissue_id: str, entry: dict, per_marker: pd.DataFrame, tissue_row: dict) -> None:
+    """The tissue's completion record (QC entry, per-marker QC rows, tissues-table row), written atomically."""
+    record = {"entry": entry, "per_marker": per_marker.to_dict(orient="list"), "tissue_row": tissue_row}
+    writer._write_bytes(record_path(tissue_id), json.dumps(record, indent=1, default=_json_default).encode())
+
+
+def read_record(out: str | os.PathLike, tissue_id: str) -> dict | None:
+    """The completion record of ``tissue_id`` in prediction folder ``out``, or None if it has none."""
+    fs, root = fsspec_root(out)
+    path = f"{root}/{record_path(tissue_id)}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def is_complete(out: str | os.PathLike, tissue_id: str, options: PredictOptions) -> bool:
+    """Whether ``tissue_id`` was predicted to the end into ``out`` with the same stride and blending.
+
+    A tissue is complete when its record exists (written after every other output) and the image
+    it names exists; a crash before the record leaves the tissue incomplete, and a rerun redoes it.
+    """
+    record = read_record(out, tissue_id)
+    if record is None:
+        return False
+    entry = record.get("entry", {})
+    if entry.get("stride") != check_stride(options.stride) or bool(entry.get("blend")) != bool(options.blend):
+        return False
+    fs, root = fsspec_root(out)
+    return fs.exists(f"{root}/{entry.get('image')}")
+
+
+def fsspec_root(out: str | os.PathLike) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(out))
+    return fs, root.rstrip("/")
+
+
+def merge_records(out: str | os.PathLike, tissue_ids: Sequence[str] | None = None) -> int:
+    """Fold completion records into the dataset-level ``qc.json``, ``qc.csv`` and tissues table.
+
+    One writer at a time: the single-process loop calls it after each tissue, a distributed run
+    calls it once on rank 0 after every rank has finished (ranks only write per-tissue files, so
+    no two processes ever write the same file). ``tissue_ids=None`` folds every record. Returns
+    the number of records folded.
+    """
+    writer = DatasetWriter.open(out)
     fs, root = writer.fs, writer.root
+    if tissue_ids is None:
+        folder = f"{root}/{RECORDS_DIR}"
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] if fs.exists(folder) else []
+        tissue_ids = sorted(n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith("."))
+    records = {tid: read_record(out, tid) for tid in tissue_ids}
+    records = {tid: r for tid, r in records.items() if r is not None}
+    if not records:
+        return 0
     path_json, path_csv = f"{root}/qc.json", f"{root}/qc.csv"
-    old = {"tissues": {}}
+    qc = {"tissues": {}}
     if fs.exists(path_json):
         with fs.open(path_json, "r") as f:
-            old = json.load(f)
-    old.setdefault("tissues", {})[tissue_id] = entry
-    table = per_marker
+            qc = json.load(f)
+    table = None
     if fs.exists(path_csv):
         with fs.open(path_csv, "rb") as f:
-            prev = pd.read_csv(io.BytesIO(f.read()))
-        table = pd.concat([prev[prev["tissue_id"].astype(str) != tissue_id], per_marker], ignore_index=True)
-    writer._write_bytes("qc.json", json.dumps(old, indent=1, default=_json_default).encode())
+            table = pd.read_csv(io.BytesIO(f.read()))
+        table = table[~table["tissue_id"].astype(str).isin(list(records))]
+    for tid, record in records.items():
+        qc.setdefault("tissues", {})[tid] = record["entry"]
+    per_marker = pd.concat([pd.DataFrame(r["per_marker"]) for r in records.values()], ignore_index=True)
+    table = per_marker if table is None else pd.concat([table, per_marker], ignore_index=True)
+    writer.append_tissues(pd.DataFrame([r["tissue_row"] for r in records.values()]), replace=True)
+    writer._write_bytes("qc.json", json.dumps(qc, indent=1, default=_json_default).encode())
     writer._write_bytes("qc.csv", table.to_csv(index=False).encode())
+    return len(records)
 
 
 def _json_default(obj: Any) -> Any:
@@ -881,7 +959,8 @@ def _nan_to_none(x: float) -> float | None:
 def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.PathLike, tissue_id: str, mpp: float,
                        options: PredictOptions | None = None, tissue_mask: np.ndarray | None = None,
                        cell_mask: Any = None, reference_hists: np.ndarray | None = None,
-                       tissue_row: dict | None = None, channel_table: pd.DataFrame | None = None) -> dict:
+                       tissue_row: dict | None = None, channel_table: pd.DataFrame | None = None,
+                       update_shared: bool = True) -> dict:
     """Predict one tissue and write it into the dataset folder ``out`` (created if absent).
 
     Writes ``codex/<mpp·s>mpp/images/<tissue_id>.ome.zarr`` (and, with blending,
@@ -889,8 +968,12 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     mask at the output grid, a ``metadata/tissues.parquet`` row, ``qc.json``/``qc.csv``, and
     optionally ``<tissue_id>.ome.tif`` and ``<tissue_id>.cells.h5ad`` at the dataset root. Every
     file is written under a temporary name and renamed. ``channel_table`` (a measured dataset's
-    ``channels.parquet``) lends its UniProt ids to the predicted markers it names. Returns the
-    tissue's QC entry.
+    ``channels.parquet``) lends its UniProt ids to the predicted markers it names.
+
+    The last file written is the tissue's completion record ``qc/tissues/<tissue_id>.json``
+    (:func:`is_complete`). ``update_shared=False`` leaves the dataset-level tables (tissues,
+    ``qc.json``, ``qc.csv``) alone, for distributed runs where one rank folds every record in
+    afterwards (:func:`merge_records`). Returns the tissue's QC entry.
     """
     opt = options or PredictOptions()
     stride = check_stride(opt.stride)
@@ -955,7 +1038,6 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     writer.write_channels(PREDICTED_MODALITY, _channel_rows(names, channel_table))
     writer.write_tissue_mask(tissue_id, out_mpp, fg)
     row = {"tissue_id": tissue_id, **(tissue_row or {})}
-    writer.append_tissues(pd.DataFrame([row]), replace=True)
 
     # ---- QC
     dr = qc_sample.dynamic_range(M)
@@ -996,7 +1078,9 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
         entry["n_cells"] = int(adata.n_obs)
     per_marker = pd.DataFrame({"tissue_id": tissue_id, "marker": names, "dynamic_range": dr,
                                "w1_to_training_he": np.nan if w1 is None else w1})
-    _merge_qc(writer, tissue_id, entry, per_marker)
+    _write_record(writer, tissue_id, entry, per_marker, row)
+    if update_shared:
+        merge_records(out, [tissue_id])
     return entry
 
 

@@ -57,6 +57,10 @@ CATALOGUE: list[Case] = [
     Case("disk_full_during_write", "store", "the disk fills up while writing an image", "free space; nothing partial is left"),
     Case("pickle_checkpoint_code", "model", "a weights file whose pickle would run code", "use a safetensors / weights-only file"),
     Case("unknown_config_key", "training", "a config key the model does not have", "check --print_config for valid keys"),
+    Case("huge_tiff_header", "ingest", "a TIFF whose header claims more pixels than memory holds",
+         "tile/crop it first (ingest reads whole images); rosie_predict streams huge H&E"),
+    Case("huge_zarr_header", "store", "a Zarr image whose header claims a huge shape, read whole",
+         "read crops (ImageArray.read); raise VIRTUPLEX_MAX_IMAGE_GB only with that much RAM"),
 ]
 
 
@@ -285,6 +289,36 @@ def case_unknown_config_key(tmp: Path) -> None:
         raise ValueError(f"configuration rejected: model.no_such_key (exit {exc.code}); check --print_config") from exc
 
 
+def case_huge_tiff_header(tmp: Path) -> None:
+    """A 64×64 RGB TIFF whose ImageWidth/ImageLength tags are patched to 200,000: ~120 GB claimed."""
+    import struct
+
+    path = tmp / "huge.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        offsets = [tif.pages[0].tags[n].valueoffset for n in ("ImageWidth", "ImageLength", "RowsPerStrip")]
+    data = bytearray(path.read_bytes())
+    for offset in offsets:
+        data[offset : offset + 4] = struct.pack("<I", 200_000)
+    path.write_bytes(bytes(data))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIRTUPLEX_MAX_IMAGE_GB", "8")  # the same answer on any machine
+        _ingest(tmp, path, "he")
+
+
+def case_huge_zarr_header(tmp: Path) -> None:
+    import json
+
+    root = _one_image_dataset(tmp)
+    meta_path = root / "imc/1_0mpp/images/t0.ome.zarr/0/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [2, 1_000_000, 1_000_000]  # 8 TB of float32 claimed by a few bytes of JSON
+    meta_path.write_text(json.dumps(meta))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIRTUPLEX_MAX_IMAGE_GB", "8")
+        DatasetStore(root).image("imc", "t0").read_all()
+
+
 #: case id -> (callable, exception type, regex the message must match)
 EXPECTED: dict[str, tuple[Callable[[Path], None], type[BaseException], str]] = {
     "he_grayscale": (case_he_grayscale, IngestError, r"g\.tif.*(3|RGB)"),
@@ -311,6 +345,8 @@ EXPECTED: dict[str, tuple[Callable[[Path], None], type[BaseException], str]] = {
     "disk_full_during_write": (case_disk_full_during_write, OSError, r"No space left"),
     "pickle_checkpoint_code": (case_pickle_checkpoint_code, ValueError, r"evil\.pth"),
     "unknown_config_key": (case_unknown_config_key, ValueError, r"no_such_key"),
+    "huge_tiff_header": (case_huge_tiff_header, IngestError, r"huge\.tif.*size.*200000.*GB.*(?i:tile|crop)"),
+    "huge_zarr_header": (case_huge_zarr_header, StoreError, r"t0\.ome\.zarr.*1000000.*GB.*crops"),
 }
 
 

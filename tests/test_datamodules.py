@@ -108,3 +108,25 @@ def test_sub_images_respect_tissue_fraction() -> None:
     for y, x in corners:
         assert mask[y : y + 256, x : x + 256].mean() >= 0.3
     assert len(sample_subimages(mask, mask.shape, 256, 0.0, np.random.default_rng(0))) == 4 * 16
+
+
+def test_rosie_center_crop_reads_the_pixels_the_model_keeps(synthetic_dataset):
+    """data.center_crop (linked from model.input_center_crop) = the centre of the full 128-px patch."""
+    import torch
+
+    from datamodules.rosie import RosieDataModule
+    from lightning_modules.components.rosie_backbone import RosieInputAdapter
+
+    full = RosieDataModule([str(synthetic_dataset)], batch_size=4, augment=False)
+    crop = RosieDataModule([str(synthetic_dataset)], batch_size=4, augment=False, center_crop=47)  # odd: no off-by-one
+    full.setup("fit")
+    crop.setup("fit")
+    a, b = full.train_dataloader().dataset, crop.train_dataloader().dataset
+    adapter = RosieInputAdapter(center_crop=47)
+    for i in (0, len(a) // 2, len(a) - 1):
+        assert b[(0, i)]["image"].shape == (3, 47, 47)
+        assert torch.equal(adapter(a[(0, i)]["image"][None])[0], b[(0, i)]["image"])
+    too_big = RosieDataModule([str(synthetic_dataset)], center_crop=256)
+    too_big.setup("fit")
+    with pytest.raises(ValueError, match="center_crop"):
+        too_big.train_dataloader()

@@ -134,10 +134,12 @@ def test_cli_png_to_ome_tiff_stride8(atto_ckpt, tmp_path, capsys):
     assert len(pd.read_csv(out / "qc.csv")) == len(MARKERS)
     assert no_temp_leftovers(out) == []
 
-    # a second run on the same tissue is refused without --overwrite, accepted with it
+    # a second run skips the complete tissue (resumable) without touching it; --overwrite redoes it
     args = ["--ckpt", str(atto_ckpt), "--he", str(png), "--out", str(out), "--device", "cpu", "--no-progress"]
-    assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    before = (out / "slide_A.ome.tif").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (out / "slide_A.ome.tif").stat().st_mtime_ns == before
     assert main(args + ["--overwrite"]) == 0
 
 
