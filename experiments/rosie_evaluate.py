@@ -12,7 +12,9 @@ the dataset with the measured CODEX. A ``--truth`` folder holding ``markers.csv`
 ground truth: ``--ckpt`` is run on every patch instead of reading ``--pred``. Writes
 ``summary.csv``, ``per_marker.csv``, ``per_sample.csv``, ``markers.csv`` (matched and unmatched
 markers), ``evaluation.json``, ``evaluate.log`` and the figures (``*.png``: per-marker Pearson
-bars, predicted vs measured, Grad-CAM). The policies are documented in :mod:`analysis.rosie_evaluation`.
+bars, predicted vs measured, Grad-CAM). The policies are documented in :mod:`analysis.rosie_evaluation`;
+the evaluation itself is :mod:`experiments.rosie_evaluation_pipeline` (datasets are read by
+:mod:`datamodules.rosie_evaluation_data`).
 """
 
 from __future__ import annotations
@@ -78,15 +80,16 @@ def rosie_predict_fn(module):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from analysis import rosie_evaluation as ev
     from datamodules.rosie import normalize_he
+    from datamodules.rosie_evaluation_data import is_patch_level_truth
+    from experiments import rosie_evaluation_pipeline as pipeline
 
     gradcam = {}
     if args.gradcam_ckpt:
         cam = load_rosie_module(args.gradcam_ckpt, args.trust_checkpoint)
         gradcam = {"gradcam_model": cam, "gradcam_prepare": normalize_he, "gradcam_markers": args.gradcam_markers,
                    "gradcam_patches": args.gradcam_patches}
-    if ev.is_patch_level_truth(args.truth):
+    if is_patch_level_truth(args.truth):
         if args.pred:
             raise ValueError(f"--truth {args.truth} is patch-level ground truth: give --ckpt (the model is run on its patches), not --pred")
         if not args.ckpt:
@@ -94,18 +97,18 @@ def run(args: argparse.Namespace) -> dict:
         module = load_rosie_module(args.ckpt, args.trust_checkpoint)
         if args.split:
             log.info("--split is ignored for patch-level ground truth")
-        return ev.evaluate_patch_level(args.truth, rosie_predict_fn(module), list(module.marker_names), args.out,
-                                       methods=args.methods or ("rosie", "he_expression"), overwrite=args.overwrite,
-                                       stride=args.patch_stride, figures=not args.no_figures, seed=args.seed,
-                                       **{k: v for k, v in gradcam.items() if k != "gradcam_model_markers"})
+        return pipeline.evaluate_patch_level(args.truth, rosie_predict_fn(module), list(module.marker_names), args.out,
+                                             methods=args.methods or ("rosie", "he_expression"), overwrite=args.overwrite,
+                                             stride=args.patch_stride, figures=not args.no_figures, seed=args.seed,
+                                             **{k: v for k, v in gradcam.items() if k != "gradcam_model_markers"})
     if not args.pred:
         raise ValueError("--pred PRED is required (a prediction dataset of experiments.rosie_predict)"
                          + (" ; --ckpt is only for patch-level ground truth" if args.ckpt else ""))
     if gradcam:
         gradcam["gradcam_model_markers"] = list(gradcam["gradcam_model"].marker_names)
-    return ev.evaluate(args.pred, args.truth, args.out, methods=args.methods or METHODS, split=args.split,
-                       overwrite=args.overwrite, pred_mpp=args.pred_mpp, morphology_epochs=args.morphology_epochs,
-                       figures=not args.no_figures, seed=args.seed, **gradcam)
+    return pipeline.evaluate(args.pred, args.truth, args.out, methods=args.methods or METHODS, split=args.split,
+                             overwrite=args.overwrite, pred_mpp=args.pred_mpp, morphology_epochs=args.morphology_epochs,
+                             figures=not args.no_figures, seed=args.seed, **gradcam)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from analysis.rosie_evaluation import evaluate
+    from experiments.rosie_evaluation_pipeline import evaluate
     from datamodules.store import DatasetStore
     from experiments.rosie_predict import main as rosie_predict
 

@@ -11,14 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.rosie_evaluation import (
-    EvaluationError,
-    detect_stride,
-    evaluate,
-    load_tissue,
-    match_panel,
-    predict_patch_mean,
-)
+from analysis.rosie_evaluation import EvaluationError, detect_stride, predict_patch_mean
+from datamodules.rosie_evaluation_data import load_tissue, match_panel
+from experiments.rosie_evaluation_pipeline import evaluate
 from datamodules.sampling import block_means
 from datamodules.store import DatasetStore, DatasetWriter
 from conftest import shared_data
