@@ -109,3 +109,42 @@ def test_extract_tissue_tokens_with_a_tiny_encoder():
     np.testing.assert_allclose(tokens.niche_tokens[0], grid.reshape(-1, 32).mean(0).numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cell mask"):
         extract_tissue_tokens(ArrayReader(image), None, torch.from_numpy, encoder, cells[:100], tissue)
+
+
+def test_cli_writes_cell_niche_tissue_tokens_and_resumes(synthetic_dataset, tmp_path, capsys):
+    import anndata as ad
+    import pandas as pd
+
+    from datamodules.store import DatasetStore
+    from experiments.virtues_tokens import main
+    from tests.test_virtues_reconstruct import save_random_checkpoint
+
+    store = DatasetStore(synthetic_dataset)
+    ids = store.embedding_ids()
+    ckpt = save_random_checkpoint(tmp_path / "tiny.ckpt", ids, torch.stack([store.embedding(u) for u in ids]))
+    out = tmp_path / "tokens"
+    args = ["--ckpt", str(ckpt), "--data", str(synthetic_dataset), "--out", str(out), "--split", "test",
+            "--device", "cpu", "--no-progress", "--batch-size", "16"]
+    assert main(args) == 0
+    (tid,) = store.tissue_ids("test")
+    cells = ad.read_h5ad(out / "cells" / f"{tid}.h5ad")
+    mask = store.cell_mask(tid, 1.0)
+    assert cells.obs["cell_id"].tolist() == sorted(set(np.unique(mask).tolist()) - {0})
+    assert cells.X.shape[1] == 32 and np.isfinite(cells.X).all()
+    assert "cell_type" in cells.obs and cells.obsm["spatial"].shape == (cells.n_obs, 2)
+    n_channels = len(cells.uns["mean_expression_channels"])
+    panel = store.channels("imc")
+    assert n_channels == int(panel["uniprot_id"].notna().sum()) < len(panel)  # channels without a UniProt id are left out
+    assert cells.obsm["mean_expression"].shape == (cells.n_obs, n_channels)
+    niches = np.load(out / "niches" / f"{tid}.npz")
+    assert niches["tokens"].shape[1] == 32 and (niches["tissue_fraction"] >= 0.3).all()
+    table = pd.read_parquet(out / "tissue_tokens.parquet")
+    assert table["tissue_id"].tolist() == [tid] and "split" in table and "token_31" in table
+    np.testing.assert_allclose(table.filter(like="token_").to_numpy()[0], niches["tokens"].mean(0), rtol=1e-5)
+
+    record = out / "records" / f"{tid}.json"
+    before = record.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out and record.stat().st_mtime_ns == before
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

@@ -1,0 +1,214 @@
+"""Cell, niche and tissue tokens of every tissue of a dataset split, from a VirTues checkpoint.
+
+    python -m experiments.virtues_tokens --ckpt C --data DIR --out OUT [--split test|all] [--modality imc]
+        [--batch-size 32] [--stride 42] [--pad 120] [--device auto] [--embeddings DIR ...] [--overwrite]
+
+Per tissue (aggregation rules in :mod:`analysis.virtues_tokens`, encoder side in
+:mod:`lightning_modules.virtues_tokens`):
+
+* ``OUT/cells/<tissue>.h5ad`` — AnnData, one row per cell of the stored cell mask: ``X`` = cell
+  tokens, ``obs`` = the dataset's cells table for that tissue (cell type, ...) plus the overlap
+  weight, ``obsm['spatial']`` = (x, y) when the cells table has them, ``obsm['mean_expression']`` =
+  the cell's mean preprocessed intensity per channel (the usual non-learned baseline for probes).
+* ``OUT/niches/<tissue>.npz`` — ``tokens`` (K, d), ``corners`` (K, 2), ``tissue_fraction`` (K,).
+* ``OUT/records/<tissue>.json`` — written last: the tissue is complete. A rerun skips complete
+  tissues (``--overwrite`` redoes them), so an interrupted run resumes.
+
+At the end ``OUT/tissue_tokens.parquet`` holds one row per tissue (the tissue table's columns plus
+``token_0 … token_{d-1}``). Markers are matched to the checkpoint's table exactly as in
+``experiments.virtues_reconstruct`` (channels without a usable embedding are left out and logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger("experiments.virtues_tokens")
+
+
+def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    """Write through ``write(tmp_path)`` to a temporary name beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cell_mean_expression(image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+    """(N, C) mean of each channel over each cell's pixels, for the ids in ``cell_ids``."""
+    from scipy import ndimage
+
+    return np.stack([ndimage.mean(ch, labels=mask, index=cell_ids) for ch in image], axis=1).astype(np.float32)
+
+
+def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels: list[int], marker_rows: list[int],
+                      model, args: argparse.Namespace, device: torch.device) -> dict:  # type: ignore[no-untyped-def]
+    """Extract and write one tissue's tokens; returns its completion record."""
+    import anndata as ad
+
+    from datamodules.limits import check_in_memory
+    from datamodules.preprocess import MultiplexPreprocessor
+    from lightning_modules.virtues_tokens import CropEncoder, extract_tissue_tokens
+
+    t0 = time.perf_counter()
+    names = [str(n) for n in store.channels(modality)["channel_name"].iloc[channels]]
+    stats = store.standardization(modality, mpp)
+    if stats is None:
+        raise ValueError(f"{store.url}: no standardization statistics for {modality} at {mpp} µm/px; run "
+                         f"`python -m datamodules.preprocess stats {store.url} --modality {modality}`")
+    preprocess = MultiplexPreprocessor.from_stats(stats, tissue_id, names, blur=args.blur)
+    image = store.image(modality, tissue_id, mpp)
+    cell_mask = store.cell_mask(tissue_id, mpp)
+    tissue_mask = store.tissue_mask(tissue_id, mpp)
+    encoder = CropEncoder(model, torch.tensor(marker_rows), device, chunk_size=args.batch_size)
+    tokens = extract_tissue_tokens(image, channels, lambda c: torch.from_numpy(preprocess(c)), encoder, cell_mask,
+                                   tissue_mask, pad=args.pad, stride=args.stride)
+    out = Path(args.out)
+    record = {"tissue_id": tissue_id, "dataset": store.url, "modality": modality, "mpp": mpp, "channels": names,
+              "n_cells": int(len(tokens.cell_ids)), "n_niches": int(len(tokens.niche_tokens)),
+              "n_cell_crops": tokens.n_cell_crops, "stride": args.stride, "pad": args.pad,
+              "tissue_token": None if tokens.tissue_token is None else [float(v) for v in tokens.tissue_token]}
+    if cell_mask is None:
+        log.warning("%s: no cell mask at %g µm/px: no cell tokens", tissue_id, mpp)
+    elif len(tokens.cell_ids):
+        check_in_memory((len(channels),) + tuple(image.shape[1:]), np.float32, f"{store.url}/{tissue_id}",
+                        "mean expression per cell needs the tissue in memory")
+        expression = cell_mean_expression(preprocess(image.read_all()[channels]), cell_mask, tokens.cell_ids)
+        cells = store.cells()
+        obs = pd.DataFrame({"tissue_id": tissue_id, "cell_id": tokens.cell_ids, "overlap_weight": tokens.cell_weights})
+        if cells is not None:
+            mine = cells[cells["tissue_id"].astype(str) == tissue_id].drop(columns=["tissue_id"])
+            obs = obs.merge(mine, on="cell_id", how="left")
+        obs.index = [f"{tissue_id}:{c}" for c in tokens.cell_ids]
+        adata = ad.AnnData(X=tokens.cell_tokens, obs=obs)
+        adata.obsm["mean_expression"] = expression
+        adata.uns["mean_expression_channels"] = names
+        if {"x", "y"} <= set(obs.columns):
+            adata.obsm["spatial"] = obs[["x", "y"]].to_numpy(np.float32)
+        adata.uns["virtues"] = {"checkpoint": str(args.ckpt), "stride": args.stride, "pad": args.pad}
+        _atomic_write(out / "cells" / f"{tissue_id}.h5ad", lambda p: adata.write_h5ad(p))
+    _atomic_write(out / "niches" / f"{tissue_id}.npz",
+                  lambda p: np.savez(open(p, "wb"), tokens=tokens.niche_tokens, corners=tokens.niche_corners,
+                                     tissue_fraction=tokens.niche_tissue_fraction))
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    _atomic_write(out / "records" / f"{tissue_id}.json", lambda p: p.write_text(json.dumps(record)))
+    return record
+
+
+def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
+    """``tissue_tokens.parquet`` from every completion record (tissue-table columns joined when given)."""
+    rows = []
+    for path in sorted((out / "records").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("tissue_token") is None:
+            continue
+        row = {"tissue_id": record["tissue_id"]}
+        row.update({f"token_{i}": v for i, v in enumerate(record["tissue_token"])})
+        rows.append(row)
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    if tissues is not None:
+        table = tissues.merge(table, on="tissue_id", how="right")
+    path = out / "tissue_tokens.parquet"
+    _atomic_write(path, lambda p: table.to_parquet(p))
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.virtues_tokens", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint, or official model.safetensors (+ --config)")
+    p.add_argument("--config", default=None, help="config.json of official weights")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="output folder (created; reruns skip complete tissues)")
+    p.add_argument("--split", default="test", help="tissues of this split, or 'all'")
+    p.add_argument("--modality", default="imc")
+    p.add_argument("--mpp", type=float, default=None, help="resolution (default: the dataset's first)")
+    p.add_argument("--batch-size", type=int, default=32, help="crops per encoder call (official: 32)")
+    p.add_argument("--stride", type=int, default=42, help="cell-token crop stride in px (official: 42)")
+    p.add_argument("--pad", type=int, default=120, help="zero padding around the image for cell tokens (official: 120)")
+    p.add_argument("--no-blur", dest="blur", action="store_false", help="skip the 3x3 Gaussian blur of preprocessing")
+    p.add_argument("--embeddings", action="append", default=[], help="extra marker_embeddings folder (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="redo tissues that are already complete")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rich.progress import track
+
+    from analysis.virtues_reconstruction import ReconstructionError, build_marker_vocabulary
+    from datamodules.store import DatasetStore, StoreError
+    from experiments.virtues_reconstruct import _uid, available_embeddings, channel_plan, load_model
+
+    try:
+        if args.batch_size < 1 or args.stride < 1 or args.pad < 0:
+            raise ValueError("--batch-size and --stride must be positive and --pad non-negative")
+        store = DatasetStore(args.data)
+        if args.modality not in store.modalities():
+            raise StoreError(f"{store.url}: no modality {args.modality!r} (has {store.modalities()}); pass --modality")
+        mpp = args.mpp if args.mpp is not None else store.resolutions(args.modality)[0]
+        ids = store.tissue_ids(None if args.split == "all" else args.split)
+        if not ids:
+            raise StoreError(f"{store.url}: no tissue in split {args.split!r}")
+        out = Path(args.out)
+        done = [t for t in ids if (out / "records" / f"{t}.json").exists()] if not args.overwrite else []
+        for t in done:
+            print(f"{t}: already complete in {out}, skipped; --overwrite redoes it")
+        todo = [t for t in ids if t not in done]
+        if todo:
+            device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                  ("cpu" if args.device == "auto" else args.device))
+            loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings)
+            available = available_embeddings([store], args.embeddings)
+            needed = [u for u in (_uid(v) for v in store.channels(args.modality).get("uniprot_id", [])) if u]
+            vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, False)
+            model = loaded.model.eval()
+            model.set_marker_table(vocab.embeddings, vocab.uniprot_ids)
+            channels, skipped = channel_plan(store, args.modality, vocab)
+            for row in skipped:
+                log.info("channel %s left out: %s", row["marker"], row["reason"])
+            if not channels:
+                raise StoreError(f"{store.url}: no {args.modality} channel has a usable marker embedding")
+            row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
+            uids = [str(u) for u in store.channels(args.modality)["uniprot_id"].iloc[channels]]
+            marker_rows = [row_of[u] for u in uids]
+            blur = loaded.data_hparams.get("blur")
+            if blur is not None and bool(blur) != args.blur:
+                log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
+            t0 = time.perf_counter()
+            for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
+                record = tokens_for_tissue(store, tid, args.modality, mpp, channels, marker_rows, model, args, device)
+                print(f"{tid}: {record['n_cells']} cell tokens from {record['n_cell_crops']} crops, "
+                      f"{record['n_niches']} niche tokens, {record['seconds']} s", flush=True)
+            log.info("%d tissues in %.1f s", len(todo), time.perf_counter() - t0)
+        path = merge_tissue_tokens(out, store.tissues())
+        if path is not None:
+            print(f"tissue tokens: {path}")
+    except (FileNotFoundError, ValueError, StoreError, ReconstructionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
