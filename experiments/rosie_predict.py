@@ -105,13 +105,25 @@ def _default_tissue_id(path: Path) -> str:
     return stem
 
 
+def pending_jobs(jobs: list, out: str, options) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+    """Split ``jobs`` into (to run, already complete in ``out``); ``options.overwrite`` runs all."""
+    from lightning_modules.rosie_inference import is_complete
+
+    if options.overwrite:
+        return list(jobs), []
+    todo, done = [], []
+    for job in jobs:
+        (done if is_complete(out, job.tissue_id, options) else todo).append(job)
+    return todo, done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from datamodules import layout
     from datamodules.store import StoreError
     from lightning_modules import rosie_inference as ri
-    from lightning_modules.rosie_tissue_prediction import TissueJob, pending_jobs
+    from lightning_modules.tissue_jobs import TissueJob
 
     try:
         ri.check_stride(args.stride)
@@ -193,14 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return entry
 
         if distributed:
-            from lightning_modules.rosie_tissue_prediction import predict_tissues_distributed
+            from lightning_modules.tissue_jobs import parse_devices, run_tissue_jobs
 
-            devices = args.devices or "auto"
-            devices = int(devices) if str(devices).isdigit() else devices
-            strategy = args.strategy or ("ddp" if devices != 1 or args.num_nodes > 1 else "auto")
-            predict_tissues_distributed(predictor, todo, args.out, run_job, accelerator=args.accelerator or "auto",
-                                        devices=devices, num_nodes=args.num_nodes, strategy=strategy,
-                                        progress=not args.no_progress)
+            run_tissue_jobs(predictor, todo, run_job, merge=lambda: ri.merge_records(args.out),
+                            accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
+                            num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
         else:
             for job in todo:
                 run_job(job, predictor)

@@ -2,6 +2,7 @@
 
     python -m experiments.virtues_tokens --ckpt C --data DIR --out OUT [--split test|all] [--modality imc]
         [--batch-size 32] [--stride 42] [--pad 120] [--device auto] [--embeddings DIR ...] [--overwrite]
+        [--accelerator gpu --devices N [--num-nodes K]]   (tissues shared out under Lightning predict)
 
 Per tissue (aggregation rules in :mod:`analysis.virtues_tokens`, encoder side in
 :mod:`lightning_modules.virtues_tokens`):
@@ -15,7 +16,9 @@ Per tissue (aggregation rules in :mod:`analysis.virtues_tokens`, encoder side in
   tissues (``--overwrite`` redoes them), so an interrupted run resumes.
 
 At the end ``OUT/tissue_tokens.parquet`` holds one row per tissue (the tissue table's columns plus
-``token_0 … token_{d-1}``). Markers are matched to the checkpoint's table exactly as in
+``token_0 … token_{d-1}``). With ``--devices``/``--num-nodes`` the tissues are shared out under
+Lightning ``predict`` exactly as in ``experiments.rosie_predict`` (one tissue per step, written by one
+rank; rank 0 builds the tissue-token table at the end). Markers are matched to the checkpoint's table exactly as in
 ``experiments.virtues_reconstruct`` (channels without a usable embedding are left out and logged).
 """
 
@@ -131,6 +134,18 @@ def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
     return path
 
 
+class TokenWorker:
+    """The model a rank encodes with, and the device Lightning gave that rank."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+
+    def to(self, device: torch.device) -> "TokenWorker":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.virtues_tokens", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint, or official model.safetensors (+ --config)")
@@ -147,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", action="append", default=[], help="extra marker_embeddings folder (repeatable)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true", help="redo tissues that are already complete")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator; with --devices, runs under Lightning predict")
+    p.add_argument("--devices", default=None, help="Lightning devices per node (int or 'auto'): tissues shared out across ranks")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", default=None, help="Lightning strategy (default ddp for several devices)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -175,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for t in done:
             print(f"{t}: already complete in {out}, skipped; --overwrite redoes it")
         todo = [t for t in ids if t not in done]
+        distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
         if todo:
             device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                   ("cpu" if args.device == "auto" else args.device))
@@ -195,15 +215,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             blur = loaded.data_hparams.get("blur")
             if blur is not None and bool(blur) != args.blur:
                 log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
-            t0 = time.perf_counter()
-            for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
-                record = tokens_for_tissue(store, tid, args.modality, mpp, channels, marker_rows, model, args, device)
-                print(f"{tid}: {record['n_cells']} cell tokens from {record['n_cell_crops']} crops, "
+            worker = TokenWorker(model, device)
+
+            def run_job(job, worker: TokenWorker, rank: int = 0) -> dict:  # type: ignore[no-untyped-def]
+                record = tokens_for_tissue(store, job.tissue_id, args.modality, mpp, channels, marker_rows, worker.model,
+                                           args, worker.device)
+                print(f"{job.tissue_id}: {record['n_cells']} cell tokens from {record['n_cell_crops']} crops, "
                       f"{record['n_niches']} niche tokens, {record['seconds']} s", flush=True)
+                return record
+
+            t0 = time.perf_counter()
+            if distributed:
+                from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
+
+                run_tissue_jobs(worker, [TissueJob("store", t) for t in todo], run_job,
+                                merge=lambda: merge_tissue_tokens(out, store.tissues()),
+                                accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
+                                num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
+            else:
+                from lightning_modules.tissue_jobs import TissueJob
+
+                for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
+                    run_job(TissueJob("store", tid), worker)
             log.info("%d tissues in %.1f s", len(todo), time.perf_counter() - t0)
-        path = merge_tissue_tokens(out, store.tissues())
-        if path is not None:
-            print(f"tissue tokens: {path}")
+        if not (distributed and todo):  # a distributed run merged on rank 0 already
+            path = merge_tissue_tokens(out, store.tissues())
+            if path is not None:
+                print(f"tissue tokens: {path}")
     except (FileNotFoundError, ValueError, StoreError, ReconstructionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

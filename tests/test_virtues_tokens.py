@@ -148,3 +148,42 @@ def test_cli_writes_cell_niche_tissue_tokens_and_resumes(synthetic_dataset, tmp_
     assert main(args) == 0
     assert "already complete" in capsys.readouterr().out and record.stat().st_mtime_ns == before
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_cli_two_ranks_share_tissues_and_match_one_process(synthetic_dataset, tmp_path):
+    """`--devices 2` on CPU (gloo): every tissue written once, tokens equal to a single-process run."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import anndata as ad
+    import pandas as pd
+
+    from datamodules.store import DatasetStore
+    from experiments.virtues_tokens import main
+    from tests.test_virtues_reconstruct import save_random_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    store = DatasetStore(synthetic_dataset)
+    ids = store.embedding_ids()
+    ckpt = save_random_checkpoint(tmp_path / "tiny.ckpt", ids, torch.stack([store.embedding(u) for u in ids]))
+    common = ["--ckpt", str(ckpt), "--data", str(synthetic_dataset), "--split", "train", "--no-progress", "--batch-size", "16"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.virtues_tokens", *common, "--out", str(tmp_path / "ddp"),
+                           "--accelerator", "cpu", "--devices", "2"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    writes = re.findall(r"rank (\d+) wrote tissue (\S+)", proc.stdout)
+    train = store.tissue_ids("train")
+    assert sorted(t for _, t in writes) == sorted(train) and {r for r, _ in writes} == {"0", "1"}
+    assert main([*common, "--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    for tid in train:
+        a = ad.read_h5ad(tmp_path / "ddp" / "cells" / f"{tid}.h5ad")
+        b = ad.read_h5ad(tmp_path / "one" / "cells" / f"{tid}.h5ad")
+        np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+    tables = [pd.read_parquet(tmp_path / k / "tissue_tokens.parquet").sort_values("tissue_id") for k in ("ddp", "one")]
+    assert tables[0]["tissue_id"].tolist() == sorted(train)
+    np.testing.assert_allclose(tables[0].filter(like="token_").to_numpy(), tables[1].filter(like="token_").to_numpy(),
+                               rtol=1e-5, atol=1e-6)
