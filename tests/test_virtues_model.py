@@ -100,6 +100,27 @@ def test_padded_and_bucketed_agree_on_encoder_like_layout():
     assert (a - b).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa_padded", "sdpa_bucketed"])
+def test_equal_length_fast_path_matches_reference(backend, monkeypatch):
+    """Unmasked encoding packs equal-length sequences: the view-based path must equal the reference."""
+    from lightning_modules.components.virtues import attention
+
+    calls = []
+    original = attention._uniform
+    monkeypatch.setattr(attention, "_uniform", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(1)
+    lengths = [12, 0, 12, 12, 0]
+    seg = PackedSegments(torch.tensor(lengths))
+    q, k, v = (torch.randn(seg.total, 2, 8, requires_grad=True) for _ in range(3))
+    out = varlen_attention(q, k, v, seg, backend=backend)
+    assert calls, "equal lengths should take the fast path"
+    assert (out.double() - _reference_attention(q, k, v, lengths)).abs().max().item() < 1e-5
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = torch.autograd.grad(varlen_attention(q, k, v, seg, backend="loop").square().sum(), (q, k, v))
+    for g1, g2 in zip(grads, ref):
+        assert (g1 - g2).abs().max().item() < 1e-5
+
+
 def test_unknown_backend_and_bad_lengths():
     seg = PackedSegments(torch.tensor([2, 3]))
     q = torch.randn(5, 1, 8)

@@ -174,6 +174,23 @@ def _bucketed(q: Tensor, k: Tensor, v: Tensor, seg: PackedSegments, dropout_p: f
     return out
 
 
+def _uniform(q: Tensor, k: Tensor, v: Tensor, seg: PackedSegments, dropout_p: float, scale: float | None) -> Tensor:
+    """All sequences have the same length: the packed tokens already are a dense (S, L) batch.
+
+    The unmasked encoder pass (cell / niche tokens, reconstruction inputs of one panel) is this
+    case: every channel has all h·w tokens and every position all C markers. A view replaces the
+    scatter into padded buffers and the gather back that the bucketed path pays for.
+    """
+    n, h, d = q.shape
+    s, length = seg.num_segments, seg.max_seqlen
+
+    def dense(t: Tensor) -> Tensor:
+        return t.reshape(s, length, h, d).transpose(1, 2)  # (S, H, L, D)
+
+    out = _sdpa(dense(q), dense(k), dense(v), None, dropout_p, scale)
+    return out.transpose(1, 2).reshape(n, h, d)
+
+
 def _nested(q: Tensor, k: Tensor, v: Tensor, seg: PackedSegments, dropout_p: float, scale: float | None) -> Tensor:
     offsets = seg.cu_seqlens.long()
 
@@ -276,4 +293,7 @@ def varlen_attention(
         raise ValueError(f"{q.shape[0]} packed tokens but cu_seqlens covers {segments.total}")
     if segments.total == 0:
         return q.new_zeros(q.shape)
-    return _IMPLS[resolve_backend(backend, q)](q, k, v, segments, dropout_p, scale)
+    resolved = resolve_backend(backend, q)
+    if resolved in ("sdpa_bucketed", "sdpa_padded") and segments.total == segments.num_segments * segments.max_seqlen:
+        return _uniform(q, k, v, segments, dropout_p, scale)  # equal lengths: no padding needed
+    return _IMPLS[resolved](q, k, v, segments, dropout_p, scale)
