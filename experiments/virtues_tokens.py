@@ -106,9 +106,12 @@ def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels
             adata.obsm["spatial"] = obs[["x", "y"]].to_numpy(np.float32)
         adata.uns["virtues"] = {"checkpoint": str(args.ckpt), "stride": args.stride, "pad": args.pad}
         _atomic_write(out / "cells" / f"{tissue_id}.h5ad", lambda p: adata.write_h5ad(p))
-    _atomic_write(out / "niches" / f"{tissue_id}.npz",
-                  lambda p: np.savez(open(p, "wb"), tokens=tokens.niche_tokens, corners=tokens.niche_corners,
-                                     tissue_fraction=tokens.niche_tissue_fraction))
+    def write_niches(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, tokens=tokens.niche_tokens, corners=tokens.niche_corners,
+                     tissue_fraction=tokens.niche_tissue_fraction)
+
+    _atomic_write(out / "niches" / f"{tissue_id}.npz", write_niches)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     _atomic_write(out / "records" / f"{tissue_id}.json", lambda p: p.write_text(json.dumps(record)))
     return record
