@@ -137,6 +137,34 @@ def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
     return path
 
 
+def prepare_model(store, args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], list[int], torch.device]:  # type: ignore[no-untyped-def]
+    """Checkpoint → model with the marker table rebuilt for this dataset, the usable channel positions,
+    their rows in the table, and the device (as ``experiments.virtues_reconstruct`` matches markers)."""
+    from analysis.virtues_reconstruction import build_marker_vocabulary
+    from datamodules.store import StoreError
+    from experiments.virtues_reconstruct import _uid, available_embeddings, channel_plan, load_model
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings)
+    available = available_embeddings([store], args.embeddings)
+    needed = [u for u in (_uid(v) for v in store.channels(args.modality).get("uniprot_id", [])) if u]
+    vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, False)
+    model = loaded.model.eval()
+    model.set_marker_table(vocab.embeddings, vocab.uniprot_ids)
+    channels, skipped = channel_plan(store, args.modality, vocab)
+    for row in skipped:
+        log.info("channel %s left out: %s", row["marker"], row["reason"])
+    if not channels:
+        raise StoreError(f"{store.url}: no {args.modality} channel has a usable marker embedding")
+    row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
+    uids = [str(u) for u in store.channels(args.modality)["uniprot_id"].iloc[channels]]
+    blur = loaded.data_hparams.get("blur")
+    if blur is not None and bool(blur) != args.blur:
+        log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
+    return model, channels, [row_of[u] for u in uids], device
+
+
 class TokenWorker:
     """The model a rank encodes with, and the device Lightning gave that rank."""
 
@@ -178,9 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from rich.progress import track
 
-    from analysis.virtues_reconstruction import ReconstructionError, build_marker_vocabulary
+    from analysis.virtues_reconstruction import ReconstructionError
     from datamodules.store import DatasetStore, StoreError
-    from experiments.virtues_reconstruct import _uid, available_embeddings, channel_plan, load_model
 
     try:
         if args.batch_size < 1 or args.stride < 1 or args.pad < 0:
@@ -199,25 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo = [t for t in ids if t not in done]
         distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
         if todo:
-            device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if args.device == "auto" else args.device))
-            loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings)
-            available = available_embeddings([store], args.embeddings)
-            needed = [u for u in (_uid(v) for v in store.channels(args.modality).get("uniprot_id", [])) if u]
-            vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, False)
-            model = loaded.model.eval()
-            model.set_marker_table(vocab.embeddings, vocab.uniprot_ids)
-            channels, skipped = channel_plan(store, args.modality, vocab)
-            for row in skipped:
-                log.info("channel %s left out: %s", row["marker"], row["reason"])
-            if not channels:
-                raise StoreError(f"{store.url}: no {args.modality} channel has a usable marker embedding")
-            row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
-            uids = [str(u) for u in store.channels(args.modality)["uniprot_id"].iloc[channels]]
-            marker_rows = [row_of[u] for u in uids]
-            blur = loaded.data_hparams.get("blur")
-            if blur is not None and bool(blur) != args.blur:
-                log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
+            model, channels, marker_rows, device = prepare_model(store, args)
             worker = TokenWorker(model, device)
 
             def run_job(job, worker: TokenWorker, rank: int = 0) -> dict:  # type: ignore[no-untyped-def]
