@@ -1,0 +1,73 @@
+"""OT retrieval: W2 between token sets, ranking without the query's own patient, the paper's
+label / composition scores and McNemar test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.virtues_retrieval import (
+    allowed_matches,
+    central_grid_corners,
+    composition_l1,
+    distance_matrix,
+    expected_random_precision,
+    label_hits,
+    label_retrieval_table,
+    mcnemar,
+    rank_matches,
+    wasserstein2,
+)
+
+
+def test_central_grid_and_too_small_images():
+    c = central_grid_corners(600, 700, grid=4)
+    assert c.shape == (16, 2) and c[0].tolist() == [44, 94] and c[-1].tolist() == [44 + 384, 94 + 384]
+    assert central_grid_corners(500, 700, grid=4) is None
+    assert central_grid_corners(256, 256, grid=2).tolist() == [[0, 0], [0, 128], [128, 0], [128, 128]]
+
+
+def test_wasserstein2_known_values():
+    a = np.array([[0.0, 0.0], [1.0, 0.0]])
+    assert wasserstein2(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert wasserstein2(a, a + [0.0, 3.0]) == pytest.approx(3.0)  # a translation moves every point by 3
+    # one-dimensional sets: W2 pairs sorted values
+    x, y = np.array([[0.0], [4.0]]), np.array([[1.0], [2.0]])
+    assert wasserstein2(x, y) == pytest.approx(np.sqrt((1 + 4) / 2))
+
+
+def test_ranking_excludes_self_and_same_patient_and_finds_the_twin():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 5)) * 10
+    sets = [centres[k % 3] + rng.normal(size=(4, 5)) * 0.1 for k in range(6)]  # tissues k and k+3 are twins
+    patients = ["p0", "p1", "p2", "p3", "p4", "p0"]  # tissue 5 shares tissue 0's patient
+    d = distance_matrix(sets)
+    assert np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+    allowed = allowed_matches(patients)
+    ranking = rank_matches(d, allowed)
+    assert ranking[1][0] == 4 and ranking[2][0] == 5 and ranking[3][0] == 0
+    assert 5 not in ranking[0] and 0 not in ranking[5] and all(i not in r for i, r in enumerate(ranking))
+    labels = ["a", "b", "c", "a", "b", "c"]
+    hits = label_hits(ranking, labels, k=3)
+    assert hits[:, 0].all() and not hits[:, 1:].any()  # the twin comes first; the others have other labels
+    table = label_retrieval_table(ranking, allowed, pd.DataFrame({"kind": labels}))
+    assert table.loc[0, "precision_at_3"] > table.loc[0, "random_precision"]
+    props = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    top, rand = composition_l1(props, ranking, allowed)
+    assert top < rand
+
+
+def test_mcnemar_matches_the_formula_and_scipy_chi2():
+    from scipy.stats import chi2
+
+    method = np.array([1, 1, 1, 1, 0, 1, 0, 1], bool)
+    base = np.array([0, 0, 1, 0, 0, 1, 1, 0], bool)
+    n1, n2, p = mcnemar(method, base)
+    assert (n1, n2) == (4, 1) and p == pytest.approx(chi2.sf((4 - 1) ** 2 / 5, 1))
+    assert mcnemar(method, method) == (0, 0, 1.0)
+
+
+def test_expected_random_precision_is_exact():
+    allowed = allowed_matches(["a", "b", "c", "d"])
+    assert expected_random_precision(allowed, ["x", "x", "y", "y"]) == pytest.approx(1 / 3)
