@@ -71,3 +71,36 @@ def test_mcnemar_matches_the_formula_and_scipy_chi2():
 def test_expected_random_precision_is_exact():
     allowed = allowed_matches(["a", "b", "c", "d"])
     assert expected_random_precision(allowed, ["x", "x", "y", "y"]) == pytest.approx(1 / 3)
+
+
+def test_cli_on_synthetic_tissues(synthetic_dataset, tmp_path, capsys):
+    import torch
+
+    from datamodules.store import DatasetStore
+    from experiments.virtues_retrieval import default_label_columns, main
+    from tests.test_virtues_reconstruct import save_random_checkpoint
+
+    store = DatasetStore(synthetic_dataset)
+    ids = store.embedding_ids()
+    ckpt = save_random_checkpoint(tmp_path / "tiny.ckpt", ids, torch.stack([store.embedding(u) for u in ids]))
+    out = tmp_path / "retrieval"
+    args = ["--ckpt", str(ckpt), "--data", str(synthetic_dataset), "--out", str(out), "--grid", "1", "--device", "cpu",
+            "--no-progress", "--pixels-per-tissue", "500"]
+    assert main(args) == 0
+    labels = pd.read_csv(out / "labels.csv")
+    assert set(labels["label"]) == set(default_label_columns(store.tissues())) and len(labels) > 0
+    assert "n_cells" not in set(labels["label"])  # a count is not a label
+    d = pd.read_csv(out / "distances.csv", index_col=0)
+    assert sorted(d.index) == sorted(store.tissue_ids()) and np.allclose(d.to_numpy(), d.to_numpy().T)
+    matches = pd.read_csv(out / "matches.csv")
+    assert (matches["query"] != matches["match"]).all() and matches.groupby("query")["rank"].max().eq(3).all()
+    for _, row in matches.iterrows():  # one crop per tissue: W2 between single points is their distance
+        assert row["w2"] == pytest.approx(d.loc[row["query"], row["match"]])
+    comp = pd.read_csv(out / "composition.csv")
+    assert len(comp) == 2 and (comp[["closest_match", "random_match"]] >= 0).all().all()
+    assert (out / "retrieval.png").stat().st_size > 0
+    assert main(args) == 2 and "overwrite" in capsys.readouterr().err
+    big = ["--ckpt", str(ckpt), "--data", str(synthetic_dataset), "--out", str(tmp_path / "big"), "--grid", "4",
+           "--device", "cpu", "--no-progress"]
+    assert main(big) == 2  # 128-px images hold no 4x4 grid of 128-px crops
+    assert "at least 3" in capsys.readouterr().err
