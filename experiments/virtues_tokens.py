@@ -11,7 +11,9 @@ Per tissue (aggregation rules in :mod:`analysis.virtues_tokens`, encoder side in
   tokens, ``obs`` = the dataset's cells table for that tissue (cell type, ...) plus the overlap
   weight, ``obsm['spatial']`` = (x, y) when the cells table has them, ``obsm['mean_expression']`` =
   the cell's mean preprocessed intensity per channel (the usual non-learned baseline for probes).
-* ``OUT/niches/<tissue>.npz`` — ``tokens`` (K, d), ``corners`` (K, 2), ``tissue_fraction`` (K,).
+* ``OUT/niches/<tissue>.npz`` — ``tokens`` (K, d), ``corners`` (K, 2), ``tissue_fraction`` (K,), and
+  ``patch_tokens`` (K, 16, 16, d) float16: every patch-summary token of the kept crops, the instances
+  a gated-ABMIL tissue classifier aggregates (paper, tissue-level tasks).
 * ``OUT/records/<tissue>.json`` — written last: the tissue is complete. A rerun skips complete
   tissues (``--overwrite`` redoes them), so an interrupted run resumes.
 
@@ -109,7 +111,8 @@ def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels
     def write_niches(path: Path) -> None:
         with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(f, tokens=tokens.niche_tokens, corners=tokens.niche_corners,
-                     tissue_fraction=tokens.niche_tissue_fraction)
+                     tissue_fraction=tokens.niche_tissue_fraction,
+                     patch_tokens=tokens.patch_tokens.astype(np.float16))  # (K, 16, 16, d): MIL instances
 
     _atomic_write(out / "niches" / f"{tissue_id}.npz", write_niches)
     record["seconds"] = round(time.perf_counter() - t0, 2)

@@ -119,6 +119,7 @@ class TissueTokens:
     niche_tissue_fraction: np.ndarray  # (K,)
     tissue_token: np.ndarray | None  # (d,), None when no crop reaches the tissue threshold
     n_cell_crops: int
+    patch_tokens: np.ndarray  # (K, h, w, d) PS grids of the kept niche crops: the instances of tissue-level MIL
 
 
 def _batches(corners: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -169,5 +170,6 @@ def extract_tissue_tokens(image: Any, channels: Sequence[int] | None, preprocess
         if progress is not None:
             progress(len(batch))
     niche = torch.stack([niche_token(g) for g in grids]).numpy() if grids else np.empty((0, cell_tokens.shape[-1]), np.float32)
+    patch = torch.stack(grids).numpy() if grids else np.empty((0, 0, 0, niche.shape[-1]), np.float32)
     return TissueTokens(cell_ids, cell_tokens, cell_weights, kept, niche, fractions[keep],
-                        tissue_token(grids).numpy() if grids else None, n_cell_crops)
+                        tissue_token(grids).numpy() if grids else None, n_cell_crops, patch)

@@ -101,6 +101,7 @@ def test_extract_tissue_tokens_with_a_tiny_encoder():
     # 140+240 = 380 -> rows 0,42,...,252 (+ none: 252 = 380-128); 150+240 = 390 -> 0..252 + 262
     assert tokens.n_cell_crops == 7 * 8 and sum(seen) == 7 * 8 + 1
     assert tokens.niche_corners.tolist() == [[0, 0]] and tokens.niche_tokens.shape == (1, 32)
+    assert tokens.patch_tokens.shape == (1, 16, 16, 32)
     np.testing.assert_allclose(tokens.tissue_token, tokens.niche_tokens[0], rtol=1e-6)
 
     # the niche token is the mean PS token of the unmasked encoder pass on that crop
@@ -138,6 +139,9 @@ def test_cli_writes_cell_niche_tissue_tokens_and_resumes(synthetic_dataset, tmp_
     assert cells.obsm["mean_expression"].shape == (cells.n_obs, n_channels)
     niches = np.load(out / "niches" / f"{tid}.npz")
     assert niches["tokens"].shape[1] == 32 and (niches["tissue_fraction"] >= 0.3).all()
+    patches = niches["patch_tokens"].astype(np.float32)
+    assert patches.shape == (len(niches["tokens"]), 16, 16, 32)
+    np.testing.assert_allclose(patches.mean(axis=(1, 2)), niches["tokens"], atol=2e-3)  # float16 storage
     table = pd.read_parquet(out / "tissue_tokens.parquet")
     assert table["tissue_id"].tolist() == [tid] and "split" in table and "token_31" in table
     np.testing.assert_allclose(table.filter(like="token_").to_numpy()[0], niches["tokens"].mean(0), rtol=1e-5)
