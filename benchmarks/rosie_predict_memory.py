@@ -68,14 +68,16 @@ def write_slide(path: Path, size: int, tissue_fraction: float) -> Path:
     return path
 
 
-def write_demo_checkpoint(path: Path) -> Path:
+def write_demo_checkpoint(path: Path, marker_names: list[str] | None = None, center_crop: int | None = 32) -> Path:
+    """A randomly initialised convnext_atto RosieModule saved as Lightning would (same cost as trained)."""
     import lightning as L
     import torch
 
     from lightning_modules.rosie import RosieModule
 
     torch.manual_seed(0)
-    module = RosieModule(arch="convnext_atto", input_center_crop=32)
+    kwargs = {"marker_names": marker_names, "num_markers": len(marker_names)} if marker_names else {}
+    module = RosieModule(arch="convnext_atto", input_center_crop=center_crop, **kwargs)
     trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
     trainer.strategy.connect(module)

@@ -70,8 +70,7 @@ class ChunkCachedImage:
     def __init__(self, image: ImageArray, cache: DecodedChunkCache) -> None:
         self.image = image
         self.cache = cache
-        chunks = tuple(image._array.chunks)  # inner chunk shape of a sharded array, (C, 256, 256) in the layout
-        self.chunk_h, self.chunk_w = int(chunks[-2]), int(chunks[-1])
+        _, self.chunk_h, self.chunk_w = image.inner_chunk_shape
 
     @property
     def shape(self) -> tuple[int, int, int]:

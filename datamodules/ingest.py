@@ -99,9 +99,9 @@ def check_size(path: str | Path, shape: Sequence[int], dtype: Any, what: str = "
     from datamodules.limits import ImageTooLargeError, check_in_memory
 
     try:
-        check_in_memory(shape, dtype, str(path), "")
+        check_in_memory(shape, dtype, str(path))
     except ImageTooLargeError as exc:
-        raise IngestError(path, "size", f"{what} {str(exc).split(': ', 1)[1].strip().rstrip('.')}", TOO_LARGE_FIX) from None
+        raise IngestError(path, "size", f"{what} {exc.describe()}", TOO_LARGE_FIX) from None
 
 
 

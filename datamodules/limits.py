@@ -21,7 +21,16 @@ ENV_LIMIT = "VIRTUPLEX_MAX_IMAGE_GB"
 
 
 class ImageTooLargeError(ValueError):
-    """A read whose header-declared size exceeds the in-memory limit."""
+    """A read whose header-declared size exceeds the in-memory limit (fields for callers' messages)."""
+
+    def __init__(self, source: str, shape: tuple[int, ...], dtype: np.dtype, need: int, limit: int, fix: str = ""):
+        self.shape, self.dtype, self.need, self.limit = shape, dtype, need, limit
+        super().__init__(f"{source}: {self.describe()}. {fix}".rstrip())
+
+    def describe(self) -> str:
+        """'header declares (shape) dtype = X GB, more than the in-memory limit of Y GB (...)'."""
+        return (f"header declares {self.shape} {self.dtype} = {self.need / 2**30:.1f} GB, more than the in-memory "
+                f"limit of {self.limit / 2**30:.1f} GB ({ENV_LIMIT} or half the RAM)")
 
 
 def physical_memory_bytes() -> int:
@@ -48,13 +57,8 @@ def nbytes_of(shape: Sequence[int], dtype: np.dtype | str | type) -> int:
     return int(math.prod(int(s) for s in shape)) * np.dtype(dtype).itemsize
 
 
-def check_in_memory(shape: Sequence[int], dtype: np.dtype | str | type, source: str, fix: str) -> None:
+def check_in_memory(shape: Sequence[int], dtype: np.dtype | str | type, source: str, fix: str = "") -> None:
     """Raise :class:`ImageTooLargeError` if an array of ``shape``/``dtype`` would exceed the limit."""
-    if any(int(s) < 0 for s in shape):
-        raise ImageTooLargeError(f"{source}: header declares a negative size {tuple(shape)}; the file is corrupt")
     need, limit = nbytes_of(shape, dtype), in_memory_limit_bytes()
     if need > limit:
-        raise ImageTooLargeError(
-            f"{source}: header declares {tuple(int(s) for s in shape)} {np.dtype(dtype)} = {need / 2**30:.1f} GB, "
-            f"more than the in-memory limit of {limit / 2**30:.1f} GB ({ENV_LIMIT} or half the RAM). {fix}"
-        )
+        raise ImageTooLargeError(source, tuple(int(v) for v in shape), np.dtype(dtype), need, limit, fix)

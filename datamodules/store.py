@@ -129,6 +129,11 @@ class ImageArray:
     def dtype(self) -> np.dtype:
         return np.dtype(self._array.dtype)
 
+    @property
+    def inner_chunk_shape(self) -> tuple[int, int, int]:
+        """The unit zarr decodes: (C, 256, 256) inner chunks of the sharded layout."""
+        return tuple(self._array.chunks)  # type: ignore[return-value]
+
     def shard_files(self, y0: int = 0, x0: int = 0, y1: int | None = None, x1: int | None = None) -> list[tuple[tuple[int, ...], str]]:
         """Shard index tuples and file paths that the region [y0:y1, x0:x1] (all channels) touches."""
         c, h, w = self.shape
@@ -161,7 +166,8 @@ class ImageArray:
         c, height, width = self.shape
         if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > height or x + w > width:
             raise ValueError(f"{self.path}: crop y={y} x={x} h={h} w={w} is outside the image of size {height}×{width}")
-        n_channels = c if channels is None else len(list(channels))
+        channels = None if channels is None else list(channels)
+        n_channels = c if channels is None else len(channels)
         try:
             check_in_memory((n_channels, h, w), self.dtype, self.path, "Read it in crops (ImageArray.read) or tiles.")
         except ImageTooLargeError as exc:
@@ -170,7 +176,7 @@ class ImageArray:
         try:
             if channels is None:
                 return np.asarray(self._array[:, y : y + h, x : x + w])
-            idx = list(channels)
+            idx = channels
             if idx and idx == list(range(idx[0], idx[-1] + 1)):
                 return np.asarray(self._array[idx[0] : idx[-1] + 1, y : y + h, x : x + w])
             return np.asarray(self._array.get_orthogonal_selection((idx, slice(y, y + h), slice(x, x + w))))

@@ -25,25 +25,14 @@ import pandas as pd
 log = logging.getLogger("experiments.virtues_cell_probe")
 
 
-def load_cells(tokens_dir: Path, label: str):  # type: ignore[no-untyped-def]
-    import anndata as ad
-
-    files = sorted((tokens_dir / "cells").glob("*.h5ad"))
-    if not files:
-        raise FileNotFoundError(f"{tokens_dir}/cells holds no .h5ad: run experiments.virtues_tokens first")
-    cells = ad.concat([ad.read_h5ad(f) for f in files], merge="first")
-    if label not in cells.obs:
-        raise ValueError(f"{tokens_dir}: cells have no {label!r} column (columns: {list(cells.obs.columns)}); pass --label")
-    return cells
-
-
 def run(tokens_dir: str | Path, data: str | Path, out: str | Path, label: str = "cell_type", train_split: str = "train",
         test_split: str = "test", overwrite: bool = False) -> pd.DataFrame:
     from analysis.outputs import atomic_output_dir
     from analysis.virtues_probes import linear_probe, plot_per_class_f1
     from datamodules.store import DatasetStore
+    from experiments.commands import load_cell_tokens
 
-    cells = load_cells(Path(tokens_dir), label)
+    cells = load_cell_tokens(tokens_dir, [label])
     split_of = DatasetStore(data).tissues().set_index("tissue_id")["split"].astype(str)
     split = cells.obs["tissue_id"].astype(str).map(split_of)
     labelled = cells.obs[label].notna().to_numpy()
@@ -83,16 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.store import StoreError
+    from experiments.commands import run_command
 
-    try:
+    def body() -> None:
         summary = run(args.tokens, args.data, args.out, args.label, args.train_split, args.test_split, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.to_string(index=False))
-    return 0
+        print(summary.to_string(index=False))
 
+    return run_command(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,15 +116,11 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
         molecular_distance,
         rank_matches,
     )
-    from datamodules.store import DatasetStore, StoreError
+    from experiments.commands import open_modality, refuse_existing_output
 
-    store = DatasetStore(args.data)
-    if args.modality not in store.modalities():
-        raise StoreError(f"{store.url}: no modality {args.modality!r} (has {store.modalities()}); pass --modality")
-    args.mpp = args.mpp if args.mpp is not None else store.resolutions(args.modality)[0]
+    store, args.mpp = open_modality(args.data, args.modality, args.mpp)
     ids = store.tissue_ids(None if args.split == "all" else args.split)
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    refuse_existing_output(args.out, args.overwrite)
     kept, sets, pixels, excluded = embed_tissues(store, ids, args)
     if len(kept) < 3:
         raise ValueError(f"only {len(kept)} tissue(s) hold the central {args.grid}x{args.grid} grid: retrieval needs at "
@@ -189,20 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from analysis.virtues_reconstruction import ReconstructionError
-    from datamodules.store import StoreError
+    from experiments.commands import run_command
 
-    try:
+    def body() -> None:
         if args.grid < 1 or args.pixels_per_tissue < 1:
             raise ValueError("--grid and --pixels-per-tissue must be positive")
         result = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError, ReconstructionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(result["labels"].to_string(index=False))
-    print(result["composition"].to_string(index=False))
-    return 0
+        print(result["labels"].to_string(index=False))
+        print(result["composition"].to_string(index=False))
 
+    return run_command(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
@@ -23,22 +22,17 @@ log = logging.getLogger("experiments.virtues_risk")
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    import anndata as ad
-
     from analysis.outputs import atomic_output_dir
     from analysis.virtues_risk import cluster_proportions, group_tissues, plot_kaplan_meier, stratify
     from datamodules.store import DatasetStore
+    from experiments.commands import load_cell_tokens, refuse_existing_output
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    refuse_existing_output(args.out, args.overwrite)
     tissues = DatasetStore(args.data).tissues().set_index("tissue_id")
     for column in (args.time_column, args.event_column):
         if column not in tissues:
             raise ValueError(f"{args.data}: tissue table has no column {column!r} (columns: {list(tissues.columns)})")
-    files = sorted((Path(args.tokens) / "cells").glob("*.h5ad"))
-    if not files:
-        raise FileNotFoundError(f"{args.tokens}/cells holds no .h5ad: run experiments.virtues_tokens first")
-    cells = ad.concat([ad.read_h5ad(f) for f in files])
+    cells = load_cell_tokens(args.tokens)
     with_outcome = tissues.index[tissues[args.time_column].notna() & tissues[args.event_column].notna()]
     keep = cells.obs["tissue_id"].astype(str).isin(with_outcome).to_numpy()
     proportions = cluster_proportions(cells.X[keep], cells.obs["tissue_id"].astype(str).to_numpy()[keep],
@@ -76,18 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.store import StoreError
+    from experiments.commands import run_command
 
-    try:
+    def body() -> None:
         if args.clusters < 2 or args.groups < 2:
             raise ValueError("--clusters and --groups must be >= 2")
-        summary = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.to_string(index=False))
-    return 0
+        print(run(args).to_string(index=False))
 
+    return run_command(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     from analysis.outputs import atomic_output_dir
     from datamodules.store import DatasetStore
     from datamodules.tissue_bags import load_bag
+    from experiments.commands import refuse_existing_output
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    refuse_existing_output(args.out, args.overwrite)
     tissues = DatasetStore(args.data).tissues()
     if args.label not in tissues:
         raise ValueError(f"{args.data}: tissue table has no column {args.label!r} (columns: {list(tissues.columns)})")
@@ -136,18 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.store import StoreError
+    from experiments.commands import run_command
 
-    try:
+    def body() -> None:
         if args.seeds < 1 or not 0 < args.val_fraction < 1:
             raise ValueError("--seeds must be >= 1 and --val-fraction in (0, 1)")
-        summary = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.to_string(index=False))
-    return 0
+        print(run(args).to_string(index=False))
 
+    return run_command(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -67,7 +67,6 @@ def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels
     """Extract and write one tissue's tokens; returns its completion record."""
     import anndata as ad
 
-    from datamodules.limits import check_in_memory
     from datamodules.preprocess import MultiplexPreprocessor
     from lightning_modules.virtues_tokens import CropEncoder, extract_tissue_tokens
 
@@ -92,9 +91,9 @@ def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels
     if cell_mask is None:
         log.warning("%s: no cell mask at %g µm/px: no cell tokens", tissue_id, mpp)
     elif len(tokens.cell_ids):
-        check_in_memory((len(channels),) + tuple(image.shape[1:]), np.float32, f"{store.url}/{tissue_id}",
-                        "mean expression per cell needs the tissue in memory")
-        expression = cell_mean_expression(preprocess(image.read_all()[channels]), cell_mask, tokens.cell_ids)
+        # the whole tissue, once (the cell mask is whole too); the store refuses images too large to hold
+        _, height, width = image.shape
+        expression = cell_mean_expression(preprocess(image.read(0, 0, height, width, channels)), cell_mask, tokens.cell_ids)
         cells = store.cells()
         obs = pd.DataFrame({"tissue_id": tissue_id, "cell_id": tokens.cell_ids, "overlap_weight": tokens.cell_weights})
         if cells is not None:
@@ -204,64 +203,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def extract(args: argparse.Namespace) -> None:
+    """Tokens of every pending tissue of ``args.split``, then the tissue-token table."""
+    from rich.progress import track
+
+    from datamodules.store import StoreError
+    from experiments.commands import open_modality
+
+    if args.batch_size < 1 or args.stride < 1 or args.pad < 0:
+        raise ValueError("--batch-size and --stride must be positive and --pad non-negative")
+    store, mpp = open_modality(args.data, args.modality, args.mpp)
+    ids = store.tissue_ids(None if args.split == "all" else args.split)
+    if not ids:
+        raise StoreError(f"{store.url}: no tissue in split {args.split!r}")
+    out = Path(args.out)
+    done = [t for t in ids if (out / "records" / f"{t}.json").exists()] if not args.overwrite else []
+    for t in done:
+        print(f"{t}: already complete in {out}, skipped; --overwrite redoes it")
+    todo = [t for t in ids if t not in done]
+    distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
+    if todo:
+        model, channels, marker_rows, device = prepare_model(store, args)
+        worker = TokenWorker(model, device)
+
+        def run_job(job, worker: TokenWorker, rank: int = 0) -> dict:  # type: ignore[no-untyped-def]
+            record = tokens_for_tissue(store, job.tissue_id, args.modality, mpp, channels, marker_rows, worker.model,
+                                       args, worker.device)
+            print(f"{job.tissue_id}: {record['n_cells']} cell tokens from {record['n_cell_crops']} crops, "
+                  f"{record['n_niches']} niche tokens, {record['seconds']} s", flush=True)
+            return record
+
+        t0 = time.perf_counter()
+        if distributed:
+            from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
+
+            run_tissue_jobs(worker, [TissueJob("store", t) for t in todo], run_job,
+                            merge=lambda: merge_tissue_tokens(out, store.tissues()),
+                            accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
+                            num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
+        else:
+            from lightning_modules.tissue_jobs import TissueJob
+
+            for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
+                run_job(TissueJob("store", tid), worker)
+        log.info("%d tissues in %.1f s", len(todo), time.perf_counter() - t0)
+    if not (distributed and todo):  # a distributed run merged on rank 0 already
+        path = merge_tissue_tokens(out, store.tissues())
+        if path is not None:
+            print(f"tissue tokens: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from rich.progress import track
+    from experiments.commands import run_command
 
-    from analysis.virtues_reconstruction import ReconstructionError
-    from datamodules.store import DatasetStore, StoreError
-
-    try:
-        if args.batch_size < 1 or args.stride < 1 or args.pad < 0:
-            raise ValueError("--batch-size and --stride must be positive and --pad non-negative")
-        store = DatasetStore(args.data)
-        if args.modality not in store.modalities():
-            raise StoreError(f"{store.url}: no modality {args.modality!r} (has {store.modalities()}); pass --modality")
-        mpp = args.mpp if args.mpp is not None else store.resolutions(args.modality)[0]
-        ids = store.tissue_ids(None if args.split == "all" else args.split)
-        if not ids:
-            raise StoreError(f"{store.url}: no tissue in split {args.split!r}")
-        out = Path(args.out)
-        done = [t for t in ids if (out / "records" / f"{t}.json").exists()] if not args.overwrite else []
-        for t in done:
-            print(f"{t}: already complete in {out}, skipped; --overwrite redoes it")
-        todo = [t for t in ids if t not in done]
-        distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
-        if todo:
-            model, channels, marker_rows, device = prepare_model(store, args)
-            worker = TokenWorker(model, device)
-
-            def run_job(job, worker: TokenWorker, rank: int = 0) -> dict:  # type: ignore[no-untyped-def]
-                record = tokens_for_tissue(store, job.tissue_id, args.modality, mpp, channels, marker_rows, worker.model,
-                                           args, worker.device)
-                print(f"{job.tissue_id}: {record['n_cells']} cell tokens from {record['n_cell_crops']} crops, "
-                      f"{record['n_niches']} niche tokens, {record['seconds']} s", flush=True)
-                return record
-
-            t0 = time.perf_counter()
-            if distributed:
-                from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
-
-                run_tissue_jobs(worker, [TissueJob("store", t) for t in todo], run_job,
-                                merge=lambda: merge_tissue_tokens(out, store.tissues()),
-                                accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
-                                num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
-            else:
-                from lightning_modules.tissue_jobs import TissueJob
-
-                for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
-                    run_job(TissueJob("store", tid), worker)
-            log.info("%d tissues in %.1f s", len(todo), time.perf_counter() - t0)
-        if not (distributed and todo):  # a distributed run merged on rank 0 already
-            path = merge_tissue_tokens(out, store.tissues())
-            if path is not None:
-                print(f"tissue tokens: {path}")
-    except (FileNotFoundError, ValueError, StoreError, ReconstructionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command(lambda: extract(args))
 
 if __name__ == "__main__":
     sys.exit(main())

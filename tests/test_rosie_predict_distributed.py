@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = ["DAPI", "CD45", "PanCK", "CD3e", "Ki67"]
@@ -27,18 +26,9 @@ MARKERS = ["DAPI", "CD45", "PanCK", "CD3e", "Ki67"]
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory) -> Path:
     """convnext_atto on the central 32 px: the real model class, fast enough for 2 ranks on CPU."""
-    import lightning as L
+    from benchmarks.rosie_predict_memory import write_demo_checkpoint
 
-    from lightning_modules.rosie import RosieModule
-
-    torch.manual_seed(0)
-    module = RosieModule(arch="convnext_atto", num_markers=len(MARKERS), marker_names=MARKERS, input_center_crop=32)
-    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "atto32.ckpt"
-    trainer.save_checkpoint(str(path))
-    return path
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "atto32.ckpt", MARKERS)
 
 
 def _predict(ckpt: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

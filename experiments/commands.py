@@ -1,0 +1,55 @@
+"""What the downstream analysis commands share: one error contract and the cell-token reader.
+
+Bad input ends a command with one line naming the problem and exit code 2, never a traceback
+from deep inside a library; an output folder that exists is refused before the expensive part
+starts (the atomic writer would refuse it too, but only at the end).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def run_command(body: Callable[[], Any]) -> int:
+    """Run ``body``; a user-facing error becomes ``error: ...`` on stderr and exit code 2."""
+    from datamodules.store import StoreError
+
+    try:
+        body()
+    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:  # ReconstructionError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def refuse_existing_output(out: str | Path, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+
+
+def load_cell_tokens(tokens_dir: str | Path, required_columns: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+    """All ``cells/*.h5ad`` of an ``experiments.virtues_tokens`` folder as one AnnData."""
+    import anndata as ad
+
+    files = sorted((Path(tokens_dir) / "cells").glob("*.h5ad"))
+    if not files:
+        raise FileNotFoundError(f"{tokens_dir}/cells holds no .h5ad: run experiments.virtues_tokens first")
+    cells = ad.concat([ad.read_h5ad(f) for f in files], merge="first")
+    missing = [c for c in required_columns if c not in cells.obs]
+    if missing:
+        raise ValueError(f"{tokens_dir}: cells have no column(s) {missing} (columns: {list(cells.obs.columns)}); "
+                         "pass another --label")
+    return cells
+
+
+def open_modality(data: str | Path, modality: str, mpp: float | None = None):  # type: ignore[no-untyped-def]
+    """The dataset store and the resolution to read ``modality`` at (default: its first one)."""
+    from datamodules.store import DatasetStore, StoreError
+
+    store = DatasetStore(data)
+    if modality not in store.modalities():
+        raise StoreError(f"{store.url}: no modality {modality!r} (has {store.modalities()}); pass --modality")
+    return store, (mpp if mpp is not None else store.resolutions(modality)[0])
