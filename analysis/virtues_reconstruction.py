@@ -678,7 +678,7 @@ def write_outputs(result: ReconstructionResult, out_dir: str | Path, skipped: pd
     from analysis.virtues_reconstruction_figures import plot_all
 
     skipped = skipped if skipped is not None else pd.DataFrame(columns=SKIPPED_COLUMNS)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, command="virtues_reconstruct") as tmp:
         result.per_marker.to_csv(tmp / "per_marker.csv", index=False)
         result.summary.to_csv(tmp / "summary.csv", index=False)
         result.summary_seen_unseen.to_csv(tmp / "summary_seen_unseen.csv", index=False)

@@ -31,8 +31,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import tifffile
 
 from datamodules import layout
+from datamodules.image_files import (RECOPY, DamagedImageError, ImageMetadataError, open_tiff, raster_properties,
+                                     read_mask_file, read_raster)
+from lightning_modules.components.model_files import load_tensor_file
 
 log = logging.getLogger(__name__)
 
@@ -140,37 +144,33 @@ def _ome_mpp(ome_xml: str | None) -> float | None:
 
 def read_tiff(path: Path) -> LoadedImage:
     """Full-resolution level of the first series, its axes, OME/ImageJ channel names and pixel size."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            level = series.levels[0] if getattr(series, "levels", None) else series
-            axes = level.axes
-            check_size(path, level.shape, level.dtype)
+    with open_tiff(path, check_size=lambda shape, dtype: check_size(path, shape, dtype)) as tif:
+        series = tif.series[0]
+        level = series.levels[0] if getattr(series, "levels", None) else series
+        axes = level.axes
+        try:
             array = level.asarray()
-            names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
-            if names is None and tif.is_imagej:
-                labels = (tif.imagej_metadata or {}).get("Labels")
-                names = [str(n) for n in labels] if isinstance(labels, list) else None
-            mpp = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
-    except IngestError:
-        raise
-    except (tifffile.TiffFileError, OSError, ValueError) as exc:
-        raise IngestError(path, "file", f"cannot be read as TIFF ({exc})", "pass an OME-TIFF/TIFF image or a folder of TIFFs") from exc
+        except (tifffile.TiffFileError, OSError, ValueError, RuntimeError) as exc:  # codec errors of damaged strips
+            raise DamagedImageError(f"{path}: the TIFF's pixel data cannot be decoded ({exc}); {RECOPY}") from None
+        names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
+        if names is None and tif.is_imagej:
+            labels = (tif.imagej_metadata or {}).get("Labels")
+            names = [str(n) for n in labels] if isinstance(labels, list) else None
+        mpp = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
+    if names is not None and axes and "C" in axes and array.shape[axes.index("C")] != len(names):
+        raise ImageMetadataError(f"{path}: its OME-XML names {len(names)} channels but the file stores "
+                                 f"{array.shape[axes.index('C')]} planes; re-export it so the header matches the pixels")
     return LoadedImage(array, names, mpp, str(path), axes)
 
 
 def read_folder(path: Path) -> LoadedImage:
     """A folder of single-channel TIFFs, one per marker; file stem = marker name (sorted by name)."""
-    import tifffile
-
     files = sorted((f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES and not f.name.startswith(".")),
                    key=lambda f: f.name.lower())
     if not files:
         raise IngestError(path, "folder", "holds no .tif/.tiff file", "put one single-channel TIFF per marker in the folder")
     names = [re.sub(r"\.ome$", "", f.stem) for f in files]
-    with tifffile.TiffFile(files[0]) as first:  # the stack of all planes must fit, not just one
+    with open_tiff(files[0]) as first:  # the stack of all planes must fit, not just one
         check_size(path, (len(files),) + tuple(first.series[0].shape), first.series[0].dtype, f"stack of {len(files)} planes")
     planes, shape, dtype = [], None, None
     for f in files:
@@ -197,11 +197,9 @@ def read_any(path: Path) -> LoadedImage:
     if path.suffix.lower() in TIFF_SUFFIXES:
         return read_tiff(path)
     if path.suffix.lower() in RASTER_SUFFIXES:
-        import imageio.v3 as iio
-
-        props = iio.improps(path)
-        check_size(path, props.shape, props.dtype)
-        return LoadedImage(np.asarray(iio.imread(path)), None, None, str(path), "YXS")
+        shape, dtype = raster_properties(path)
+        check_size(path, shape, dtype)
+        return LoadedImage(read_raster(path), None, None, str(path), "YXS")
     raise IngestError(path, "file type", f"unsupported extension {path.suffix!r}",
                       "convert to OME-TIFF (multiplex) or TIFF/PNG (H&E), or pass a folder of single-channel TIFFs")
 
@@ -377,35 +375,7 @@ def resolve_channel_names(loaded: LoadedImage, table: pd.DataFrame | None, table
 def read_mask(path: Path, what: str) -> np.ndarray:
     if not path.exists():
         raise IngestError(path, "path", "does not exist", f"check the --{what} path")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                check_size(path, tif.series[0].shape, tif.series[0].dtype, what)
-                arr = tif.series[0].asarray()
-        elif suffix == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            check_size(path, arr.shape, arr.dtype, what)
-            arr = np.asarray(arr)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                arr = data["mask"] if "mask" in data else data[list(data.keys())[0]]
-        elif suffix in RASTER_SUFFIXES:
-            import imageio.v3 as iio
-
-            arr = iio.imread(path)
-        else:
-            raise IngestError(path, "file type", f"unsupported mask extension {suffix!r}", "save the mask as TIFF, PNG, .npy or .npz")
-    except IngestError:
-        raise
-    except Exception as exc:
-        raise IngestError(path, "file", f"cannot be read ({exc})", "save the mask as a 2-D TIFF/PNG/.npy/.npz") from exc
-    arr = np.squeeze(np.asarray(arr))
-    if arr.ndim != 2:
-        raise IngestError(path, "shape", f"mask must be 2-D, got shape {arr.shape}", "save a single-plane (Y,X) mask")
-    return arr
+    return read_mask_file(path, what)
 
 
 def check_mask_shape(mask: np.ndarray, image_shape: tuple[int, int], path: Path | str) -> None:
@@ -723,10 +693,10 @@ def _merge_panel(store: Any, modality: str, channel_df: pd.DataFrame, arr: np.nd
 
 
 def _embeddings_to_copy(folder: Path | None, panel_df: pd.DataFrame, store: Any) -> dict[str, Any]:
+    """The panel's ``<UniProtID>.pt`` files in ``folder``, read safely and checked against the
+    dataset's embedding size (the first file fixes it for a new dataset)."""
     if folder is None:
         return {}
-    import torch
-
     if not folder.is_dir():
         raise IngestError(folder, "--embeddings", "is not a folder", "pass a folder of <UniProtID>.pt files")
     wanted = {str(u) for u in panel_df.get("uniprot_id", []) if not pd.isna(u) and layout.is_uniprot_id(str(u))}
@@ -736,18 +706,9 @@ def _embeddings_to_copy(folder: Path | None, panel_df: pd.DataFrame, store: Any)
         dim = int(store.embedding(store.embedding_ids()[0]).numel())
     for uid in sorted(wanted):
         f = folder / f"{uid}.pt"
-        if not f.exists():
-            continue
-        try:
-            t = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise IngestError(f, "file", f"cannot be loaded as a torch tensor ({exc})", "save with torch.save(tensor)") from exc
-        t = torch.as_tensor(t).float().reshape(-1)
-        if dim is not None and t.numel() != dim:
-            raise IngestError(f, "size", f"{t.numel()}-d embedding but the dataset's are {dim}-d",
-                              "use embeddings from the same ESM-2 model (esm2_t30_150M: 640-d)")
-        dim = t.numel()
-        out[uid] = t
+        if f.exists():
+            out[uid] = load_tensor_file(f, expected_dim=dim)
+            dim = out[uid].numel()
     return out
 
 
@@ -772,7 +733,7 @@ def _write_all(writer: Any, modality: str, tissue_id: str, arr: np.ndarray, mpp:
     if overwrite:
         for res in present_at:
             if res != mpp:  # an older copy at another resolution would now be stale
-                writer.fs.rm(writer._target(layout.image_path(modality, res, tissue_id)), recursive=True)
+                writer.remove(layout.image_path(modality, res, tissue_id))
     if tmask is not None:  # None: keep the mask another modality of this tissue stored
         writer.write_tissue_mask(tissue_id, mpp, tmask)
     if cmask is not None:

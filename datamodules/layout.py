@@ -33,6 +33,39 @@ UNIPROT_PATTERN = re.compile(r"^[OPQ][0-9][A-Z0-9]{3}[0-9](-[0-9]+)?$|^[A-NR-Z][
 TISSUE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,200}$")
 
 
+#: The three splits, and the spellings other tools write for them (compared lower-cased, stripped).
+SPLITS = ("train", "val", "test")
+SPLIT_SPELLINGS = {
+    "train": "train", "training": "train", "trn": "train",
+    "val": "val", "valid": "val", "validation": "val", "validate": "val", "dev": "val",
+    "test": "test", "testing": "test", "tst": "test", "holdout": "test", "held-out": "test", "heldout": "test",
+}
+#: Physical range of a pixel size in µm: 1 nm .. 1 mm covers every microscope and scanner.
+MPP_RANGE = (0.001, 1000.0)
+
+
+def normalise_split(value: object) -> str:
+    """``'Train'``, ``' validation '`` -> ``'train'``, ``'val'``; ValueError for anything else."""
+    key = str(value).strip().lower() if value is not None else ""
+    if key in SPLIT_SPELLINGS:
+        return SPLIT_SPELLINGS[key]
+    raise ValueError(f"split label {value!r} is not one of {SPLITS} "
+                     f"(also accepted: {', '.join(sorted(k for k in SPLIT_SPELLINGS if k not in SPLITS))})")
+
+
+def check_mpp(mpp: object, what: str = "resolution") -> float:
+    """A pixel size in µm/px within :data:`MPP_RANGE`, or ValueError saying what was given."""
+    try:
+        value = float(mpp)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {mpp!r} is not a number of µm per pixel") from None
+    lo, hi = MPP_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} {mpp!r} µm/px is outside the physical range {lo:g}-{hi:g} µm/px "
+                         "(e.g. 0.5 for a 20x scan, 1.0 for IMC)")
+    return value
+
+
 def resolution_folder(mpp: float) -> str:
     """`1.0` -> `1_0mpp`, `0.5` -> `0_5mpp`, `0.25` -> `0_25mpp` (the spora naming)."""
     if not mpp > 0:

@@ -36,7 +36,10 @@ import numpy as np
 import pandas as pd
 
 from datamodules import layout
+from datamodules.dataset_lock import dataset_lock
 from datamodules.limits import ImageTooLargeError, check_in_memory
+from datamodules.provenance import MANIFEST, MEASURED, manifest
+from lightning_modules.components.model_files import load_tensor_file
 
 SHARD_YX = 1024
 CHUNK_YX = 256
@@ -212,6 +215,22 @@ def _async_wrap(fs: fsspec.AbstractFileSystem) -> Any:
     return AsyncFileSystemWrapper(fs)
 
 
+def normalise_split_column(splits: pd.Series, tissue_ids: pd.Series, path: str) -> pd.Series:
+    """Split labels as ``train``/``val``/``test``; a missing or unknown label is an error naming the
+    tissues, never a row silently left out of every split."""
+    out, bad = [], []
+    for tid, value in zip(tissue_ids, splits):
+        try:
+            out.append(layout.normalise_split(None if pd.isna(value) else value))
+        except ValueError:
+            bad.append((str(tid), value))
+    if bad:
+        shown = ", ".join(f"{t}={v!r}" for t, v in bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise StoreError(f"{path}: split: {len(bad)} tissue(s) have no valid split label ({shown}); "
+                         f"use one of {layout.SPLITS} for every tissue")
+    return pd.Series(out, index=splits.index, dtype=object)
+
+
 class DatasetStore:
     """Read access to one dataset folder of the harmonized layout."""
 
@@ -265,10 +284,18 @@ class DatasetStore:
 
     # ---- tables ---------------------------------------------------------------------------
     def tissues(self) -> pd.DataFrame:
+        """The tissue table, its ``split`` labels normalised (``Train``/``validation`` -> ``train``/``val``)."""
+        key = "tissues:normalised"
+        if key in self._cache:
+            return self._cache[key]
         df = self._parquet(layout.TISSUES_TABLE)
         assert df is not None
+        path = self.path(layout.TISSUES_TABLE)
         if "tissue_id" not in df.columns:
-            raise StoreError(f"{self.path(layout.TISSUES_TABLE)}: column 'tissue_id' is missing; add one id per row")
+            raise StoreError(f"{path}: column 'tissue_id' is missing; add one id per row")
+        if "split" in df.columns:
+            df = df.assign(split=normalise_split_column(df["split"], df["tissue_id"], path))
+        self._cache[key] = df
         return df
 
     def tissue_ids(self, split: str | None = None) -> list[str]:
@@ -276,6 +303,10 @@ class DatasetStore:
         if split is not None:
             if "split" not in df.columns:
                 raise StoreError(f"{self.path(layout.TISSUES_TABLE)}: column 'split' is missing (train/val/test per tissue)")
+            try:
+                split = layout.normalise_split(split)
+            except ValueError as exc:
+                raise StoreError(f"--split: {exc}") from None
             df = df[df["split"] == split]
         return [str(t) for t in df["tissue_id"]]
 
@@ -365,8 +396,8 @@ class DatasetStore:
             raise StoreError(f"{self.path(rel)}: no marker embedding for {uniprot_id}; compute it with "
                              "`python -m lightning_modules.components.marker_embeddings`")
         with self.fs.open(self.path(rel), "rb") as f:
-            tensor = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        return tensor.float().reshape(-1)
+            data = f.read()
+        return load_tensor_file(self.path(rel), data=data)
 
     def standardization(self, modality: str, mpp: float) -> StandardizationStats | None:
         base = layout.standardization_dir(modality, mpp)
@@ -524,6 +555,27 @@ def _round_up(n: int, m: int) -> int:
     return ((n + m - 1) // m) * m
 
 
+#: Cell ids are stored as uint32 at most: larger ids would wrap and merge cells.
+MAX_CELL_ID = 2**32 - 1
+
+
+def instance_ids(mask: np.ndarray, what: str) -> np.ndarray:
+    """``mask`` as uint16/uint32 instance ids; refuses float, negative and too-large ids (never wraps)."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool or not np.issubdtype(mask.dtype, np.integer):
+        raise StoreError(f"{what} must hold integer instance ids, got {mask.dtype}; label cells first "
+                         "(e.g. skimage.measure.label) and save the labels")
+    if mask.size == 0:
+        return mask.astype(np.uint16)
+    lo, hi = int(mask.min()), int(mask.max())
+    if lo < 0:
+        raise StoreError(f"{what} has negative ids; use 0 for background and positive ids")
+    if hi > MAX_CELL_ID:
+        raise StoreError(f"{what} has cell id {hi} > {MAX_CELL_ID} (2^32 - 1), which would wrap and merge cells; "
+                         "relabel to consecutive ids (skimage.segmentation.relabel_sequential) and keep the mapping")
+    return mask.astype(np.uint16 if hi < 2**16 else np.uint32)
+
+
 class DatasetWriter:
     """Writes pieces of a dataset; every piece appears complete or not at all."""
 
@@ -535,7 +587,8 @@ class DatasetWriter:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | os.PathLike, overwrite: bool = False, storage_options: dict | None = None) -> "DatasetWriter":
+    def create(cls, root: str | os.PathLike, overwrite: bool = False, storage_options: dict | None = None,
+               kind: str = MEASURED, written_by: str = "virtuplex") -> "DatasetWriter":
         """A new dataset, assembled in a temporary folder beside `root`; use as a context manager."""
         fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
         path = _normalise(fs, path)
@@ -545,17 +598,33 @@ class DatasetWriter:
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         fs.makedirs(tmp, exist_ok=False)
-        return cls(fs, tmp, final_root=path, overwrite=overwrite)
+        writer = cls(fs, tmp, final_root=path, overwrite=overwrite)
+        writer.write_manifest(kind, written_by)
+        return writer
 
     @classmethod
-    def open(cls, root: str | os.PathLike, storage_options: dict | None = None, create: bool = True) -> "DatasetWriter":
-        """An existing dataset (made if absent when `create`): each write is atomic by itself."""
+    def open(cls, root: str | os.PathLike, storage_options: dict | None = None, create: bool = True,
+             kind: str | None = None, written_by: str = "virtuplex") -> "DatasetWriter":
+        """An existing dataset (made if absent when `create`): each write is atomic by itself.
+
+        ``kind`` is recorded in the manifest of a dataset this call creates (and of an existing
+        one that has none yet)."""
         fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
         if not fs.exists(path):
             if not create:
                 raise StoreError(f"{root}: dataset folder does not exist")
             fs.makedirs(path, exist_ok=True)
-        return cls(fs, path)
+        writer = cls(fs, path)
+        if kind is not None and not fs.exists(writer.target(MANIFEST)):
+            writer.write_manifest(kind, written_by)
+        return writer
+
+    def write_manifest(self, kind: str, written_by: str) -> None:
+        self.write_bytes(MANIFEST, (json.dumps(manifest(kind, written_by), indent=1) + "\n").encode())
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """This dataset's inter-process write lock (re-entrant): hold it around read-modify-write."""
+        return dataset_lock(self._final_root or self.root, self.fs)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -586,12 +655,14 @@ class DatasetWriter:
         self.root, self._final_root = final, None
 
     # -- atomic primitives -------------------------------------------------------------------
-    def _target(self, rel: str) -> str:
+    def target(self, rel: str) -> str:
+        """Where ``rel`` lives in the dataset being written."""
         return _join(self.root, rel)
 
     @contextlib.contextmanager
-    def _atomic_file(self, rel: str) -> Iterator[str]:
-        target = self._target(rel)
+    def atomic_path(self, rel: str) -> Iterator[str]:
+        """A temporary path to write ``rel`` to; renamed onto ``rel`` when the block succeeds."""
+        target = self.target(rel)
         parent = target.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex[:8]}"
@@ -606,27 +677,33 @@ class DatasetWriter:
                 self.fs.rm(tmp, recursive=True)
             raise
 
-    def _write_bytes(self, rel: str, data: bytes) -> None:
-        with self._atomic_file(rel) as tmp:
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.atomic_path(rel) as tmp:
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
 
-    def _write_parquet(self, rel: str, df: pd.DataFrame) -> None:
+    def write_parquet(self, rel: str, df: pd.DataFrame) -> None:
         buf = io.BytesIO()
         df.to_parquet(buf)
-        self._write_bytes(rel, buf.getvalue())
+        self.write_bytes(rel, buf.getvalue())
 
-    def _read_parquet(self, rel: str) -> pd.DataFrame | None:
-        target = self._target(rel)
+    def read_parquet(self, rel: str) -> pd.DataFrame | None:
+        """The table at ``rel`` as written so far, or None."""
+        target = self.target(rel)
         if not self.fs.exists(target):
             return None
         with self.fs.open(target, "rb") as f:
             return pd.read_parquet(io.BytesIO(f.read()))
 
+    def remove(self, rel: str) -> None:
+        target = self.target(rel)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
     def _write_npz(self, rel: str, mask: np.ndarray) -> None:
         buf = io.BytesIO()
         np.savez_compressed(buf, mask=mask)
-        self._write_bytes(rel, buf.getvalue())
+        self.write_bytes(rel, buf.getvalue())
 
     # -- pieces ------------------------------------------------------------------------------
     def write_image(self, modality: str, tissue_id: str, image: np.ndarray, mpp: float, channel_names: Sequence[str]) -> str:
@@ -636,9 +713,9 @@ class DatasetWriter:
         if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             raise StoreError(f"{modality} image for {tissue_id!r} holds NaN or inf pixels; replace them before writing")
         rel = layout.image_path(modality, mpp, tissue_id)
-        with self._atomic_file(rel) as tmp:
+        with self.atomic_path(rel) as tmp:
             write_ome_zarr(self.fs, tmp, image, mpp, channel_names, name=tissue_id)
-        return self._target(rel)
+        return self.target(rel)
 
     def write_channels(self, modality: str, df: pd.DataFrame) -> None:
         if "channel_name" not in df.columns:
@@ -646,27 +723,22 @@ class DatasetWriter:
         names = [str(n) for n in df["channel_name"]]
         if len(set(names)) != len(names) or any(not n.strip() for n in names):
             raise StoreError(f"channels table for {modality!r}: channel names must be unique and non-empty")
-        self._write_parquet(layout.channels_path(modality), df.reset_index(drop=True))
+        self.write_parquet(layout.channels_path(modality), df.reset_index(drop=True))
 
     def write_channels_per_tissue(self, modality: str, df: pd.DataFrame) -> None:
-        self._write_parquet(layout.channels_per_tissue_path(modality), df)
+        self.write_parquet(layout.channels_per_tissue_path(modality), df)
 
     def update_channels_per_tissue(self, modality: str, rows: pd.DataFrame) -> None:
-        old = self._read_parquet(layout.channels_per_tissue_path(modality))
-        new = rows if old is None else pd.concat([old.drop(index=[i for i in rows.index if i in old.index]), rows])
-        self.write_channels_per_tissue(modality, new.where(new.notna(), False).astype(bool))
+        with self.locked():
+            old = self.read_parquet(layout.channels_per_tissue_path(modality))
+            new = rows if old is None else pd.concat([old.drop(index=[i for i in rows.index if i in old.index]), rows])
+            self.write_channels_per_tissue(modality, new.where(new.notna(), False).astype(bool))
 
     def write_tissue_mask(self, tissue_id: str, mpp: float, mask: np.ndarray) -> None:
         self._write_npz(layout.tissue_mask_path(mpp, tissue_id), np.asarray(mask).astype(bool))
 
     def write_cell_mask(self, tissue_id: str, mpp: float, mask: np.ndarray) -> None:
-        mask = np.asarray(mask)
-        if not np.issubdtype(mask.dtype, np.integer):
-            raise StoreError(f"cell mask of {tissue_id!r} must hold integer instance ids, got {mask.dtype}")
-        if mask.size and mask.min() < 0:
-            raise StoreError(f"cell mask of {tissue_id!r} has negative ids; use 0 for background and positive ids")
-        dtype = np.uint16 if mask.size == 0 or mask.max() < 2**16 else np.uint32
-        self._write_npz(layout.cell_mask_path(mpp, tissue_id), mask.astype(dtype))
+        self._write_npz(layout.cell_mask_path(mpp, tissue_id), instance_ids(mask, f"cell mask of {tissue_id!r}"))
 
     def write_tissues(self, df: pd.DataFrame) -> None:
         if "tissue_id" not in df.columns:
@@ -675,30 +747,35 @@ class DatasetWriter:
             layout.check_tissue_id(str(tid))
         if df["tissue_id"].duplicated().any():
             raise StoreError(f"tissues table has duplicate tissue ids: {sorted(set(df['tissue_id'][df['tissue_id'].duplicated()]))}")
-        self._write_parquet(layout.TISSUES_TABLE, df.reset_index(drop=True))
+        self.write_parquet(layout.TISSUES_TABLE, df.reset_index(drop=True))
 
     def append_tissues(self, df: pd.DataFrame, replace: bool = False) -> None:
-        old = self._read_parquet(layout.TISSUES_TABLE)
-        if old is not None:
-            clash = sorted(set(old["tissue_id"]) & set(df["tissue_id"]))
-            if clash and not replace:
-                raise StoreError(f"{self._target(layout.TISSUES_TABLE)}: tissue ids already present: {clash}; use --overwrite to replace")
-            old = old[~old["tissue_id"].isin(df["tissue_id"])]
-            df = pd.concat([old, df], ignore_index=True)
-        self.write_tissues(df)
+        """Add rows (``replace``: rows of the same tissue ids are replaced, their other columns kept)."""
+        with self.locked():
+            old = self.read_parquet(layout.TISSUES_TABLE)
+            if old is not None:
+                clash = sorted(set(old["tissue_id"]) & set(df["tissue_id"]))
+                if clash and not replace:
+                    raise StoreError(f"{self.target(layout.TISSUES_TABLE)}: tissue ids already present: {clash}; "
+                                     "use --overwrite to replace")
+                old = old[~old["tissue_id"].isin(df["tissue_id"])]
+                df = pd.concat([old, df], ignore_index=True)
+            self.write_tissues(df)
 
     def write_cells(self, df: pd.DataFrame) -> None:
         missing = {"tissue_id", "cell_id"} - set(df.columns)
         if missing:
             raise StoreError(f"cells table lacks columns {sorted(missing)}")
-        self._write_parquet(layout.CELLS_TABLE, df.reset_index(drop=True))
+        self.write_parquet(layout.CELLS_TABLE, df.reset_index(drop=True))
 
     def append_cells(self, df: pd.DataFrame) -> None:
-        old = self._read_parquet(layout.CELLS_TABLE)
-        if old is not None:
-            old = old[~old["tissue_id"].isin(set(df["tissue_id"]))]
-            df = pd.concat([old, df], ignore_index=True)
-        self.write_cells(df)
+        """Replace the rows of ``df``'s tissues by ``df``."""
+        with self.locked():
+            old = self.read_parquet(layout.CELLS_TABLE)
+            if old is not None:
+                old = old[~old["tissue_id"].isin(set(df["tissue_id"]))]
+                df = pd.concat([old, df], ignore_index=True)
+            self.write_cells(df)
 
     def write_embedding(self, uniprot_id: str, tensor: Any) -> None:
         import torch
@@ -706,22 +783,22 @@ class DatasetWriter:
         tensor = torch.as_tensor(tensor, dtype=torch.float32).reshape(-1).clone()
         buf = io.BytesIO()
         torch.save(tensor, buf)
-        self._write_bytes(layout.embedding_path(uniprot_id), buf.getvalue())
+        self.write_bytes(layout.embedding_path(uniprot_id), buf.getvalue())
 
     def write_standardization(self, modality: str, mpp: float, upper_quantiles: pd.DataFrame, means: pd.Series, stds: pd.Series) -> None:
         base = layout.standardization_dir(modality, mpp)
         uq = upper_quantiles.astype(np.float32)
         uq.index = uq.index.astype(str)
         uq.index.name = "tissue_id"
-        self._write_parquet(f"{base}/{layout.UPPER_QUANTILES_FILE}", uq)
-        self._write_parquet(f"{base}/{layout.MEANS_FILE}", pd.DataFrame([means.astype(np.float32)]).reset_index(drop=True))
-        self._write_parquet(f"{base}/{layout.STDS_FILE}", pd.DataFrame([stds.astype(np.float32)]).reset_index(drop=True))
+        self.write_parquet(f"{base}/{layout.UPPER_QUANTILES_FILE}", uq)
+        self.write_parquet(f"{base}/{layout.MEANS_FILE}", pd.DataFrame([means.astype(np.float32)]).reset_index(drop=True))
+        self.write_parquet(f"{base}/{layout.STDS_FILE}", pd.DataFrame([stds.astype(np.float32)]).reset_index(drop=True))
 
     def write_tiling(self, mpp: float, df: pd.DataFrame, tile_size: int = 128) -> None:
         missing = {"tissue_id", "row", "col"} - set(df.columns)
         if missing:
             raise StoreError(f"tiling table lacks columns {sorted(missing)}")
-        self._write_parquet(layout.tiling_path(mpp, tile_size), df.reset_index(drop=True))
+        self.write_parquet(layout.tiling_path(mpp, tile_size), df.reset_index(drop=True))
 
 
 # ============================================================================================

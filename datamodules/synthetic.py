@@ -49,6 +49,8 @@ import pandas as pd
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
+from lightning_modules.components.model_files import load_tensor_file
+
 HE_MPP = 0.5
 CODEX_MPP = 0.5
 IMC_MPP = 1.0
@@ -1298,12 +1300,10 @@ def generate_dataset(out: str | Path, n_tissues: int, size: int, seed: int, over
         tiling = pd.concat(tiles, ignore_index=True)
         tiling.insert(1, "tile_id", np.arange(len(tiling), dtype=np.int64))
         w.write_tiling(IMC_MPP, tiling, tile_size=TILE_SIZE)
-        import torch
-
         for uid in sorted({str(u) for u in imc_table["uniprot_id"].dropna()}):
             path = emb_dir / f"{uid}.pt"
             if path.exists():
-                w.write_embedding(uid, torch.load(path, map_location="cpu", weights_only=True))
+                w.write_embedding(uid, load_tensor_file(path))
         meta = {"generator": "datamodules.synthetic", "n_tissues": n_tissues, "size": size, "seed": seed,
                 "he_mpp": HE_MPP, "codex_mpp": CODEX_MPP, "imc_mpp": IMC_MPP}
         with w.fs.open(f"{w.root}/.complete", "w") as f:

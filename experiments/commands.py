@@ -1,33 +1,26 @@
-"""What the downstream analysis commands share: one error contract and the cell-token reader.
+"""What the downstream analysis commands share: the error contract, the output-folder check and the
+cell-token reader.
 
 Bad input ends a command with one line naming the problem and exit code 2, never a traceback
-from deep inside a library; an output folder that exists is refused before the expensive part
-starts (the atomic writer would refuse it too, but only at the end).
+from deep inside a library (:func:`datamodules.command_errors.run_command`); an output folder that
+exists is refused before the expensive part starts (the atomic writer would refuse it too, but
+only at the end), and only a command's own earlier output is ever replaced.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from analysis.outputs import check_output_folder
+from datamodules.command_errors import run_command
+
+__all__ = ["run_command", "refuse_existing_output", "load_cell_tokens", "open_modality"]
 
 
-def run_command(body: Callable[[], Any]) -> int:
-    """Run ``body``; a user-facing error becomes ``error: ...`` on stderr and exit code 2."""
-    from datamodules.store import StoreError
-
-    try:
-        body()
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:  # ReconstructionError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def refuse_existing_output(out: str | Path, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+def refuse_existing_output(out: str | Path, overwrite: bool, command: str) -> None:
+    """Before the expensive part: ``out`` must be absent, empty, or (``overwrite``) ``command``'s own."""
+    check_output_folder(out, command, overwrite)
 
 
 def load_cell_tokens(tokens_dir: str | Path, required_columns: Sequence[str] = ()):  # type: ignore[no-untyped-def]

@@ -96,7 +96,7 @@ def evaluate(
     """
     methods = _check_methods(methods)
     t0 = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite) as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
+    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
         pred, truth = DatasetStore(str(pred_dir)), DatasetStore(str(truth_dir))
         for store, what in ((pred, "--pred"), (truth, "--truth")):
             if MODALITY not in store.modalities():
@@ -234,7 +234,7 @@ def evaluate_patch_level(
     """
     methods = _check_methods(methods)
     t0 = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite) as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
+    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
         gt = load_patch_level_truth(truth_dir)
         match = match_panel(list(model_markers), gt.markers)
         _log_unmatched(match, "the model", f"the truth {truth_dir}")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
+from lightning_modules.components.model_files import load_torch_file
 
 log = logging.getLogger("rosie_experiment")
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    hp = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hp = load_torch_file(ckpt, mmap=True).get("hyper_parameters", {})
     tissues_qc = qc.get("tissues", qc) if isinstance(qc, dict) else {}
     info = {
         "data": args.data, "split": args.split, "n_tissues": len(held_out), "n_markers": hp.get("num_markers", "?"),

@@ -70,29 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_cell_mask(path: str | Path) -> object:
-    """A 2-D instance mask from .npz (key 'mask'), .npy or TIFF (read lazily)."""
+    """A 2-D instance mask at the H&E resolution: TIFF read lazily (slide-sized), else read whole
+    (.npz key 'mask' or a single array, .npy, .png); ids are checked as the store checks them."""
+    from datamodules.image_files import open_tiff, read_mask_file
+    from datamodules.store import instance_ids
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cell mask not found: {path}")
-    name = path.name.lower()
-    if name.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            if "mask" not in data:
-                raise ValueError(f"{path}: npz has no key 'mask' (keys: {list(data.keys())})")
-            return data["mask"]
-    if name.endswith(".npy"):
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    if name.endswith((".tif", ".tiff")):
-        import tifffile
+    if path.suffix.lower() in (".tif", ".tiff"):
         import zarr
 
-        tif = tifffile.TiffFile(str(path))
+        tif = open_tiff(path)
         arr = zarr.open(tif.series[0].aszarr(level=0), mode="r")
-        if arr.ndim != 2:
+        if arr.ndim != 2 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
             tif.close()
-            raise ValueError(f"{path}: cell mask must be a single 2-D plane, got shape {arr.shape}")
+            raise ValueError(f"{path}: a cell mask must be one 2-D plane of integer instance ids, got shape {arr.shape} "
+                             f"{arr.dtype}")
+        if np.dtype(arr.dtype).itemsize > 4 or np.issubdtype(arr.dtype, np.signedinteger):
+            return instance_ids(np.asarray(arr), f"cell mask {path}")  # signed or 64-bit: check the values
         return arr
-    raise ValueError(f"{path}: unsupported cell mask format; use .npz (key 'mask'), .npy or .tif")
+    return instance_ids(read_mask_file(path, "cell mask"), f"cell mask {path}")
 
 
 def _default_tissue_id(path: Path) -> str:
@@ -117,105 +113,147 @@ def pending_jobs(jobs: list, out: str, options) -> tuple[list, list]:  # type: i
     return todo, done
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Numbers outside their physical range are refused before anything is read or written."""
+    from datamodules import layout
+    from lightning_modules import rosie_inference as ri
+
+    ri.check_stride(args.stride)
+    for flag, value in (("--batch-size", args.batch_size), ("--tile-size", args.tile_size)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    if args.tile_size > 8192:
+        raise ValueError(f"--tile-size {args.tile_size}: at most 8192 output px per tile side (memory per tile)")
+    if args.mpp is not None:
+        layout.check_mpp(args.mpp, "--mpp")
+    if args.blend_kernel is not None and not 0 < args.blend_kernel <= 1024:
+        raise ValueError(f"--blend-kernel {args.blend_kernel}: must be a window in px between 0 and 1024")
+    if args.num_nodes < 1:
+        raise ValueError(f"--num-nodes {args.num_nodes}: must be >= 1")
+
+
+def check_file_tissue_id(out: str, tissue_id: str, he: Path, explicit: bool, overwrite: bool) -> None:
+    """Two files whose names sanitise to one id must not share (or silently skip) one prediction."""
+    from lightning_modules import rosie_inference as ri
+
+    record = ri.read_record(out, tissue_id) if Path(out).exists() else None
+    source = (record or {}).get("tissue_row", {}).get("source")
+    if source is None or Path(str(source)).resolve() == he.resolve():
+        return
+    if explicit and overwrite:
+        return
+    how = "pass --overwrite to replace it" if explicit else "pass --tissue-id to name this one"
+    raise ValueError(f"--out {out}: tissue id {tissue_id!r}" + ("" if explicit else f" (from the file name {he.name!r})")
+                     + f" already holds the prediction of another file, {source}; {how}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from datamodules.command_errors import run_command
+
+    return run_command(lambda: predict(args))
+
+
+def predict(args: argparse.Namespace) -> int:
     from datamodules import layout
-    from datamodules.store import StoreError
+    from datamodules.store import DatasetStore, StoreError
     from lightning_modules import rosie_inference as ri
     from lightning_modules.tissue_jobs import TissueJob
 
-    try:
-        ri.check_stride(args.stride)
-        if args.batch_size < 1 or args.tile_size < 1:
-            raise ValueError("--batch-size and --tile-size must be positive")
-        he = Path(args.he)
-        if not he.exists():
-            raise FileNotFoundError(f"--he {he}: no such file or dataset folder")
-        options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
-                                    foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
-                                    blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
-                                    progress=not args.no_progress)
-        jobs: list = []
-        if he.is_dir():
-            from datamodules.store import DatasetStore
+    check_arguments(args)
+    he = Path(args.he)
+    if not he.exists():
+        raise FileNotFoundError(f"--he {he}: no such file or dataset folder")
+    if Path(args.out).resolve() == he.resolve():
+        raise ValueError(f"--out {args.out} is the input dataset: write predictions to a separate folder so they "
+                         "cannot be mistaken for (or replace) measured images")
+    ri.check_prediction_target(args.out)
+    options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
+                                foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
+                                blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
+                                progress=not args.no_progress)
+    jobs: list = []
+    if he.is_dir():
+        if (args.tissue_id is None) == (args.split is None):
+            raise ValueError(f"--he {he} is a dataset folder: give exactly one of --tissue-id ID or --split SPLIT")
+        if args.mpp is not None:
+            log.info("--mpp is ignored for dataset input: the H&E resolution is the store's")
+        ids = [args.tissue_id] if args.tissue_id else DatasetStore(str(he)).tissue_ids(args.split)
+        if not ids:
+            raise StoreError(f"{he}: no tissue in split {args.split!r}")
+        if args.cell_mask and len(ids) > 1:
+            raise ValueError("--cell-mask is for a single tissue; with --split the stored cell masks are used")
+        jobs = [TissueJob("store", tid) for tid in ids]
+    else:
+        if args.split:
+            raise ValueError("--split needs a dataset folder as --he")
+        tissue_id = args.tissue_id or _default_tissue_id(he)
+        layout.check_tissue_id(tissue_id)
+        check_file_tissue_id(args.out, tissue_id, he, args.tissue_id is not None, args.overwrite)
+        jobs.append(TissueJob("file", tissue_id))
+        image, _ = ri.open_he_image(he)  # refuse a bad image before loading the model
+        _, h, w = image.shape
+        image.close()
+        if min(h, w) < ri.PATCH_SIZE:
+            log.warning("%s: the image (%d×%d px) is smaller than the model's %d-px patch: every window is mostly white "
+                        "padding, so expect weak predictions", he, h, w, ri.PATCH_SIZE)
+    for job in jobs:
+        layout.check_tissue_id(job.tissue_id)
+    if args.cell_mask:
+        load_cell_mask(args.cell_mask)  # refuse a bad mask before loading the model
+    distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
 
-            if Path(args.out).resolve() == he.resolve():
-                raise ValueError(f"--out {args.out} is the input dataset: write predictions to a separate folder so they "
-                                 "cannot be mistaken for (or replace) measured images")
+    todo, done = pending_jobs(jobs, args.out, options)
+    for job in done:
+        print(f"{job.tissue_id}: already complete in {args.out} (same stride), skipped; --overwrite redoes it")
+    if not todo:
+        return 0
 
-            if (args.tissue_id is None) == (args.split is None):
-                raise ValueError(f"--he {he} is a dataset folder: give exactly one of --tissue-id ID or --split SPLIT")
-            if args.mpp is not None:
-                log.info("--mpp is ignored for dataset input: the H&E resolution is the store's")
-            ids = [args.tissue_id] if args.tissue_id else DatasetStore(str(he)).tissue_ids(args.split)
-            if not ids:
-                raise StoreError(f"{he}: no tissue in split {args.split!r}")
-            if args.cell_mask and len(ids) > 1:
-                raise ValueError("--cell-mask is for a single tissue; with --split the stored cell masks are used")
-            jobs = [TissueJob("store", tid) for tid in ids]
+    predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
+                                                  trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
+    reference = ri.load_reference_hists(args.reference_hist, predictor)
+    if reference is None:
+        log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
+    channel_table = ri.store_channel_table(str(he)) if he.is_dir() else None
+
+    def run_job(job: TissueJob, predictor: ri.PatchPredictor, rank: int = 0) -> dict:
+        if job.source == "store":
+            image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), job.tissue_id)
         else:
-            if args.split:
-                raise ValueError("--split needs a dataset folder as --he")
-            jobs.append(TissueJob("file", args.tissue_id or _default_tissue_id(he)))
-            ri.open_he_image(he)[0].close()  # refuse a bad image before loading the model
-        for job in jobs:
-            layout.check_tissue_id(job.tissue_id)
-        distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
+            image, file_mpp = ri.open_he_image(he)
+            mpp = args.mpp or file_mpp
+            if mpp is None:
+                mpp = 0.5
+                log.warning("%s: no pixel size in the file and no --mpp: assuming 0.5 µm/px", he)
+            tissue_mask, cell_mask, row = None, None, {"source": str(he.resolve())}
+        if args.cell_mask:
+            cell_mask = load_cell_mask(args.cell_mask)
+        # a tissue without a completion record is a leftover of an interrupted run: redo it
+        job_options = dataclasses.replace(options, overwrite=True, progress=options.progress and rank == 0)
+        try:
+            entry = ri.predict_to_dataset(image, predictor, args.out, job.tissue_id, mpp, job_options,
+                                          tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference,
+                                          tissue_row=row, channel_table=channel_table, update_shared=not distributed)
+        finally:
+            if hasattr(image, "close"):
+                image.close()
+        dr = [v for v in entry["dynamic_range"].values() if v is not None]
+        print(f"{job.tissue_id}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
+              + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
+              + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""),
+              flush=True)
+        return entry
 
-        todo, done = pending_jobs(jobs, args.out, options)
-        for job in done:
-            print(f"{job.tissue_id}: already complete in {args.out} (same stride), skipped; --overwrite redoes it")
-        if not todo:
-            return 0
+    if distributed:
+        from lightning_modules.tissue_jobs import parse_devices, run_tissue_jobs
 
-        predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
-                                                      trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
-        reference = ri.load_reference_hists(args.reference_hist, predictor)
-        if reference is None:
-            log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
-        channel_table = ri.store_channel_table(str(he)) if he.is_dir() else None
-
-        def run_job(job: TissueJob, predictor: ri.PatchPredictor, rank: int = 0) -> dict:
-            if job.source == "store":
-                image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), job.tissue_id)
-            else:
-                image, file_mpp = ri.open_he_image(he)
-                mpp = args.mpp or file_mpp
-                if mpp is None:
-                    mpp = 0.5
-                    log.warning("%s: no pixel size in the file and no --mpp: assuming 0.5 µm/px", he)
-                tissue_mask, cell_mask, row = None, None, {"source": str(he)}
-            if args.cell_mask:
-                cell_mask = load_cell_mask(args.cell_mask)
-            # a tissue without a completion record is a leftover of an interrupted run: redo it
-            job_options = dataclasses.replace(options, overwrite=True, progress=options.progress and rank == 0)
-            try:
-                entry = ri.predict_to_dataset(image, predictor, args.out, job.tissue_id, mpp, job_options,
-                                              tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference,
-                                              tissue_row=row, channel_table=channel_table, update_shared=not distributed)
-            finally:
-                if hasattr(image, "close"):
-                    image.close()
-            dr = [v for v in entry["dynamic_range"].values() if v is not None]
-            print(f"{job.tissue_id}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
-                  + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
-                  + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""),
-                  flush=True)
-            return entry
-
-        if distributed:
-            from lightning_modules.tissue_jobs import parse_devices, run_tissue_jobs
-
-            run_tissue_jobs(predictor, todo, run_job, merge=lambda: ri.merge_records(args.out),
-                            accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
-                            num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
-        else:
-            for job in todo:
-                run_job(job, predictor)
-    except (FileNotFoundError, ValueError, StoreError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        run_tissue_jobs(predictor, todo, run_job, merge=lambda: ri.merge_records(args.out),
+                        accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
+                        num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
+    else:
+        for job in todo:
+            run_job(job, predictor)
     return 0
 
 

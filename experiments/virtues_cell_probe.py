@@ -48,7 +48,7 @@ def run(tokens_dir: str | Path, data: str | Path, out: str | Path, label: str = 
         results.append(linear_probe("mean_expression", expr[train], y[train], expr[test], y[test]))
     summary = pd.DataFrame([{"features": r.features, "accuracy": r.accuracy, "macro_f1": r.macro_f1,
                              "n_train": r.n_train, "n_test": r.n_test} for r in results])
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, command="virtues_cell_probe") as tmp:
         summary.to_csv(tmp / "summary.csv", index=False)
         pd.concat([r.per_class for r in results]).to_csv(tmp / "per_class.csv", index=False)
         for r in results:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
+from lightning_modules.components.model_files import load_torch_file
 
 log = logging.getLogger("experiments.virtues_experiment")
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if curve:
         figures.insert(0, curve)
 
-    hp = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hp = load_torch_file(ckpt, mmap=True).get("hyper_parameters", {})
     skipped = pd.read_csv(eval_dir / "skipped_markers.csv")
     per_marker = result.per_marker
     info = {

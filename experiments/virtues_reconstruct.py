@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.outputs import check_output_folder
 from analysis.virtues_reconstruction import (
     STRATEGIES,
     EvalCrop,
@@ -55,9 +56,11 @@ from analysis.virtues_reconstruction import (
 )
 from datamodules import layout
 from datamodules.sampling import tissue_fraction_grid
+from datamodules.command_errors import run_command
 from datamodules.store import DatasetStore, StoreError
 
 log = logging.getLogger("experiments.virtues_reconstruct")
+COMMAND = "virtues_reconstruct"
 
 
 # ============================================================================================
@@ -73,14 +76,22 @@ class LoadedModel:
     source: str
 
 
-def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_from: Sequence[str] = ()) -> LoadedModel:
-    """A Lightning checkpoint of :class:`VirTuesModule`, or official ``model.safetensors`` (+ ``config``)."""
+def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_from: Sequence[str] = (),
+               trust: bool = False, command: str = "this command") -> LoadedModel:
+    """A Lightning checkpoint of :class:`VirTuesModule`, or official ``model.safetensors`` (+ ``config``).
+
+    Lightning checkpoints are read with ``weights_only=True`` (no code from the file runs) unless
+    ``trust``; a ROSIE checkpoint is refused by name."""
+    from lightning_modules.components.model_files import load_torch_file, require_kind
+
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file")
     if ckpt.is_dir() or ckpt.suffix == ".safetensors":
         from lightning_modules.components.virtues import VirTues
 
+        if ckpt.suffix == ".safetensors":
+            require_kind(ckpt, {"state_dict": load_torch_file(ckpt)}, ("virtues-official", "virtues"), command)
         model = VirTues.from_pretrained(ckpt, config=config)
         ids = None
         if official_ids_from:  # the official table = sorted listing of its embedding folder
@@ -90,10 +101,15 @@ def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_
         return LoadedModel(model, ids, {}, str(ckpt))
     from lightning_modules.virtues import VirTuesModule
 
-    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    raw = load_torch_file(ckpt, trust=trust, mmap=True)
+    kind = require_kind(ckpt, raw, ("virtues",), command)
+    if kind is None or "state_dict" not in raw:
+        raise ReconstructionError(f"{ckpt}: not a Lightning checkpoint of VirTuesModule (no 'state_dict'); pass official "
+                                  "weights as model.safetensors (+ --config)")
     # marker_table_dir / pretrained_weights may point at files of the training machine: the state dict
     # holds every weight, and the table is rebuilt below from the evaluated datasets.
-    module = VirTuesModule.load_from_checkpoint(ckpt, map_location="cpu", marker_table_dir=None, pretrained_weights=None)
+    module = VirTuesModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=not trust, marker_table_dir=None,
+                                                pretrained_weights=None)
     ids = raw.get("virtues_marker_uniprot_ids") or raw.get("hyper_parameters", {}).get("marker_uniprot_ids")
     if not ids:
         raise ReconstructionError(f"{ckpt}: the checkpoint stores no marker table order (virtues_marker_uniprot_ids); "
@@ -267,11 +283,11 @@ def run(
     figures: bool = True,
     marker_max_crops: int | None = None,
     crop_size: int = 128,
+    trust_checkpoint: bool = False,
 ) -> ReconstructionResult:
     """Load, build crops, evaluate, write ``out``; returns the result tables."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_output_folder(out, COMMAND, overwrite)
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -284,7 +300,7 @@ def run(
             lg.setLevel(logging.INFO)
     try:
         t0 = time.perf_counter()
-        loaded = load_model(ckpt, config, official_ids_from=embeddings)
+        loaded = load_model(ckpt, config, official_ids_from=embeddings, trust=trust_checkpoint, command=COMMAND)
         stores = [DatasetStore(d) for d in data]
         names = _unique_names([s.name for s in stores])
         for s in stores:
@@ -359,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.virtues_reconstruct", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint (.ckpt) or official model.safetensors")
     p.add_argument("--config", default=None, help="config.json for official weights (default: next to them)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of a .ckpt that needs it (runs code from the file: only files you made)")
     p.add_argument("--data", action="append", required=True, help="evaluated dataset folder (repeatable)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--split", default="test")
@@ -386,17 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    try:
+
+    def body() -> None:
         result = run(args.ckpt, args.data, args.out, args.split, args.modality, args.max_crops, args.seed, args.overwrite,
                      args.config, args.embeddings, args.allow_missing_table_rows, args.batch_size, args.min_tissue_fraction,
                      args.fit_split, mpp=args.mpp, strategies=strategies, device=args.device,
-                     marker_max_crops=args.marker_max_crops, crop_size=args.crop_size)
-    except (FileExistsError, FileNotFoundError, ReconstructionError, StoreError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(result.summary.to_string(index=False))
-    print(f"wrote {args.out}")
-    return 0
+                     marker_max_crops=args.marker_max_crops, crop_size=args.crop_size,
+                     trust_checkpoint=args.trust_checkpoint)
+        print(result.summary.to_string(index=False))
+        print(f"wrote {args.out}")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

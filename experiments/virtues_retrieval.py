@@ -33,6 +33,8 @@ log = logging.getLogger("experiments.virtues_retrieval")
 
 ID_COLUMNS = {"tissue_id", "patient_id", "split", "dataset"}
 
+COMMAND = "virtues_retrieval"
+
 
 def default_label_columns(tissues: pd.DataFrame, max_classes: int = 20, max_integer_classes: int = 5) -> list[str]:
     """Categorical tissue-table columns: text/categorical/bool with 2..max_classes values, or integers
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
     store, args.mpp = open_modality(args.data, args.modality, args.mpp)
     ids = store.tissue_ids(None if args.split == "all" else args.split)
-    refuse_existing_output(args.out, args.overwrite)
+    refuse_existing_output(args.out, args.overwrite, COMMAND)
     kept, sets, pixels, excluded = embed_tissues(store, ids, args)
     if len(kept) < 3:
         raise ValueError(f"only {len(kept)} tissue(s) hold the central {args.grid}x{args.grid} grid: retrieval needs at "
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     matches = pd.DataFrame([{"query": kept[i], "rank": r + 1, "match": kept[j], "w2": distances[i, j],
                              **{f"same_{c}": str(tissues.loc[i, c]) == str(tissues.loc[j, c]) for c in label_columns}}
                             for i, order in enumerate(ranking) for r, j in enumerate(order[:TOP_K])])
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.out, overwrite=args.overwrite, command=COMMAND) as tmp:
         labels.to_csv(tmp / "labels.csv", index=False)
         composition.to_csv(tmp / "composition.csv", index=False)
         matches.to_csv(tmp / "matches.csv", index=False)
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.virtues_retrieval", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint, or official model.safetensors (+ --config)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of a .ckpt that needs it (runs code from the file: only files you made)")
     p.add_argument("--config", default=None)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)

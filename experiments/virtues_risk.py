@@ -20,6 +20,8 @@ import pandas as pd
 
 log = logging.getLogger("experiments.virtues_risk")
 
+COMMAND = "virtues_risk"
+
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     from analysis.outputs import atomic_output_dir
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     from datamodules.store import DatasetStore
     from experiments.commands import load_cell_tokens, refuse_existing_output
 
-    refuse_existing_output(args.out, args.overwrite)
+    refuse_existing_output(args.out, args.overwrite, COMMAND)
     tissues = DatasetStore(args.data).tissues().set_index("tissue_id")
     for column in (args.time_column, args.event_column):
         if column not in tissues:
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                              "groups": args.groups, "n_high": int((result.risk == "high").sum()),
                              "n_low": int((result.risk == "low").sum()), "logrank_statistic": result.logrank_statistic,
                              "logrank_p": result.logrank_p}])
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.out, overwrite=args.overwrite, command=COMMAND) as tmp:
         pd.concat([groups, result.risk], axis=1).rename_axis("tissue_id").to_csv(tmp / "groups.csv")
         result.group_hazard.rename_axis("group").to_csv(tmp / "group_hazard.csv")
         proportions.to_csv(tmp / "proportions.csv")

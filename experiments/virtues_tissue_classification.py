@@ -26,6 +26,8 @@ import pandas as pd
 
 log = logging.getLogger("experiments.virtues_tissue_classification")
 
+COMMAND = "virtues_tissue_classification"
+
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     from datamodules.tissue_bags import load_bag
     from experiments.commands import refuse_existing_output
 
-    refuse_existing_output(args.out, args.overwrite)
+    refuse_existing_output(args.out, args.overwrite, COMMAND)
     tissues = DatasetStore(args.data).tissues()
     if args.label not in tissues:
         raise ValueError(f"{args.data}: tissue table has no column {args.label!r} (columns: {list(tissues.columns)})")
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     summary = runs_df.groupby("method", sort=False)["macro_f1"].agg(["mean", "std", "count"]).reset_index()
     summary.columns = ["method", "macro_f1_mean", "macro_f1_std", "runs"]
     summary["n_train"], summary["n_test"], summary["label"] = len(train_pool), len(test), args.label
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_output_dir(args.out, overwrite=args.overwrite, command=COMMAND) as tmp:
         summary.to_csv(tmp / "summary.csv", index=False)
         runs_df.to_csv(tmp / "runs.csv", index=False)
         pd.DataFrame(preds).to_csv(tmp / "predictions.csv", index=False)

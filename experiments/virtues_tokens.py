@@ -42,6 +42,8 @@ import torch
 
 log = logging.getLogger("experiments.virtues_tokens")
 
+COMMAND = "virtues_tokens"
+
 
 def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
     """Write through ``write(tmp_path)`` to a temporary name beside ``path``, then rename."""
@@ -148,7 +150,8 @@ def prepare_model(store, args: argparse.Namespace) -> tuple[torch.nn.Module, lis
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings)
+    loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings, trust=args.trust_checkpoint,
+                        command=COMMAND)
     available = available_embeddings([store], args.embeddings)
     needed = [u for u in (_uid(v) for v in store.channels(args.modality).get("uniprot_id", [])) if u]
     vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, False)
@@ -182,6 +185,8 @@ class TokenWorker:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.virtues_tokens", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="VirTuesModule checkpoint, or official model.safetensors (+ --config)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of a .ckpt that needs it (runs code from the file: only files you made)")
     p.add_argument("--config", default=None, help="config.json of official weights")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--out", required=True, help="output folder (created; reruns skip complete tissues)")
@@ -207,6 +212,7 @@ def extract(args: argparse.Namespace) -> None:
     """Tokens of every pending tissue of ``args.split``, then the tissue-token table."""
     from rich.progress import track
 
+    from analysis.outputs import claim_output_folder
     from datamodules.store import StoreError
     from experiments.commands import open_modality
 
@@ -216,7 +222,7 @@ def extract(args: argparse.Namespace) -> None:
     ids = store.tissue_ids(None if args.split == "all" else args.split)
     if not ids:
         raise StoreError(f"{store.url}: no tissue in split {args.split!r}")
-    out = Path(args.out)
+    out = claim_output_folder(args.out, COMMAND)
     done = [t for t in ids if (out / "records" / f"{t}.json").exists()] if not args.overwrite else []
     for t in done:
         print(f"{t}: already complete in {out}, skipped; --overwrite redoes it")

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from lightning_modules.components.model_files import ModelFileError, load_torch_file, require_kind
 from lightning_modules.components.rosie_backbone import (
     RosieInputAdapter,
     build_rosie_regressor,
@@ -236,14 +237,14 @@ def stitched_ssim(pred_image: torch.Tensor, target_image: torch.Tensor) -> torch
 def load_rosie_checkpoint(path: str, trust_checkpoint: bool = False, map_location: str = "cpu") -> "RosieModule":
     """A RosieModule from a Lightning checkpoint, read with ``weights_only=True`` unless trusted.
 
-    Full unpickling can run code from the file, so it is opt-in (``--trust-checkpoint``). Pretrained
-    weight paths stored in the hparams are not re-read: the checkpoint holds the weights.
+    Full unpickling can run code from the file, so it is opt-in (``--trust-checkpoint``). The file
+    goes through :func:`~lightning_modules.components.model_files.load_torch_file` first, so a
+    damaged, unsafe or VirTues checkpoint is refused by name. Pretrained weight paths stored in the
+    hparams are not re-read: the checkpoint holds the weights.
     """
-    try:
-        return RosieModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=not trust_checkpoint,
-                                                pretrained_path=None, official_checkpoint=None)
-    except Exception as exc:
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-            raise ValueError(f"{path}: cannot be read safely with weights_only=True ({type(exc).__name__}); if you "
-                             "trust the file, pass --trust-checkpoint") from exc
-        raise
+    raw = load_torch_file(path, trust=trust_checkpoint, mmap=True)
+    if require_kind(path, raw, ("rosie",), "this command") is None:
+        raise ModelFileError(f"{path}: not a Lightning checkpoint of RosieModule (no hyper-parameters or state_dict)")
+    del raw
+    return RosieModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=not trust_checkpoint,
+                                            pretrained_path=None, official_checkpoint=None)

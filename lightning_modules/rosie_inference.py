@@ -73,10 +73,13 @@ import torch
 from torch import nn
 
 from datamodules import layout
+from datamodules.image_files import RASTER_SUFFIXES, DamagedImageError, check_regular_file, open_tiff, raster_properties, read_raster
 from datamodules.markers import ROSIE_PANEL
 from datamodules.rosie import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.sampling import read_padded
+from datamodules.provenance import PREDICTION, check_dataset_target
 from datamodules.store import DatasetStore, DatasetWriter, StoreError
+from lightning_modules.components.model_files import ModelFileError, load_torch_file, require_kind
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,13 @@ class ArrayHE:
             raise ValueError(f"{self.name}: crop y={y} x={x} h={h} w={w} is outside the image of size {height}×{width}")
         index = tuple(slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None) if a == "S" else 0
                       for a in self.axes)
-        out = np.asarray(self.array[index]).transpose(self._order)
+        try:
+            out = np.asarray(self.array[index]).transpose(self._order)
+        except (IndexError, TypeError):
+            raise
+        except Exception as exc:  # a strip or tile that does not decode: the codec's own error type
+            raise DamagedImageError(f"{self.name}: the pixels at y={y} x={x} ({h}×{w}) cannot be decoded, the file is "
+                                    f"damaged ({type(exc).__name__}: {exc}); copy or export it again") from None
         return out if channels is None else out[list(channels)]
 
     def close(self) -> None:
@@ -174,34 +183,27 @@ def open_he_image(path: str | os.PathLike) -> tuple[ArrayHE, float | None]:
     """Open an H&E image file lazily; returns the image and its µm/px when the file states it.
 
     TIFF / OME-TIFF (any layout tifffile knows: RGB interleaved, planar, tiled, pyramidal — level 0 is
-    used) is opened through tifffile's Zarr interface, so only the regions read are decoded.
+    used) is opened through tifffile's Zarr interface, so only the regions read are decoded; a
+    truncated or inconsistent file is refused at open (:mod:`datamodules.image_files`).
     PNG / JPEG are decoded whole (they are not tiled).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"H&E image not found: {path}")
+    path = check_regular_file(path, "H&E image")
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in (".tif", ".tiff") else path.suffix.lower()
     if suffix.endswith((".tif", ".tiff", ".svs", ".ndpi", ".btf")) or path.suffix.lower() in (".svs", ".btf"):
         return _open_tiff(path)
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
-        import cv2
-
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise HEInputError(f"{path}: not a readable image file")
-        channels = 1 if img.ndim == 2 else img.shape[2]
-        check_he(img.shape, channels, img.dtype, str(path))
-        rgb = np.ascontiguousarray(img[..., ::-1])  # OpenCV decodes to BGR
-        return ArrayHE(rgb, "YXS", str(path)), None
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        shape, dtype = raster_properties(path)
+        channels = 1 if len(shape) == 2 else shape[2]
+        check_he(shape, channels, dtype, str(path))
+        return ArrayHE(np.ascontiguousarray(read_raster(path)), "YXS", str(path)), None
     raise HEInputError(f"{path}: unsupported H&E file type {path.suffix!r}; use TIFF/OME-TIFF, PNG or JPEG, "
                        "or a dataset folder with --tissue-id")
 
 
 def _open_tiff(path: Path) -> tuple[ArrayHE, float | None]:
-    import tifffile
     import zarr
 
-    tif = tifffile.TiffFile(str(path))
+    tif = open_tiff(path)
     try:
         series = tif.series[0]
         axes, shape, dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
@@ -236,7 +238,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     return device
 
 
@@ -305,7 +307,7 @@ class PatchPredictor:
             out = self.model(x)
         out = out.float()
         if out.ndim != 2 or out.shape[1] != self.num_markers:
-            raise RuntimeError(f"model returned shape {tuple(out.shape)}, expected (B, {self.num_markers})")
+            raise ValueError(f"model returned shape {tuple(out.shape)}, expected (B, {self.num_markers})")
         return out * self.scales if self.scales is not None else out
 
     @classmethod
@@ -354,25 +356,17 @@ class PatchPredictor:
 
 
 def _peek_checkpoint(path: Path, trust: bool) -> dict:
-    """The checkpoint's top level, tensors memory-mapped (not read) where the format allows."""
-    from lightning_modules.components.rosie_backbone import _numpy_safe_globals
-
+    """The checkpoint's top level, tensors memory-mapped (not read) where the format allows; a
+    VirTues checkpoint is refused by name."""
     if path.suffix == ".safetensors":
+        obj = {"state_dict": load_torch_file(path)}
+        require_kind(path, obj, ("rosie-official", "rosie"), "rosie_predict")
         return {}
-    kwargs: dict = {"map_location": "cpu", "weights_only": not trust}
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            try:
-                return torch.load(str(path), mmap=True, **kwargs)
-            except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(str(path), **kwargs)
-    except Exception as exc:
-        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__:
-            raise ValueError(f"{path}: cannot be read safely with weights_only=True; if you trust the file, "
-                             "pass --trust-checkpoint") from exc
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = load_torch_file(path, trust=trust, mmap=True)
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dictionary")
+    require_kind(path, obj, ("rosie-official", "rosie"), "rosie_predict")
+    return obj
 
 
 # ============================================================================================
@@ -870,7 +864,7 @@ def record_path(tissue_id: str) -> str:
 def _write_record(writer: DatasetWriter, tissue_id: str, entry: dict, per_marker: pd.DataFrame, tissue_row: dict) -> None:
     """The tissue's completion record (QC entry, per-marker QC rows, tissues-table row), written atomically."""
     record = {"entry": entry, "per_marker": per_marker.to_dict(orient="list"), "tissue_row": tissue_row}
-    writer._write_bytes(record_path(tissue_id), json.dumps(record, indent=1, default=_json_default).encode())
+    writer.write_bytes(record_path(tissue_id), json.dumps(record, indent=1, default=_json_default).encode())
 
 
 def read_record(out: str | os.PathLike, tissue_id: str) -> dict | None:
@@ -914,7 +908,12 @@ def merge_records(out: str | os.PathLike, tissue_ids: Sequence[str] | None = Non
     no two processes ever write the same file). ``tissue_ids=None`` folds every record. Returns
     the number of records folded.
     """
-    writer = DatasetWriter.open(out)
+    writer = DatasetWriter.open(out, kind=PREDICTION, written_by="rosie_predict")
+    with writer.locked():
+        return _merge_records(writer, out, tissue_ids)
+
+
+def _merge_records(writer: DatasetWriter, out: str | os.PathLike, tissue_ids: Sequence[str] | None) -> int:
     fs, root = writer.fs, writer.root
     if tissue_ids is None:
         folder = f"{root}/{RECORDS_DIR}"
@@ -939,8 +938,8 @@ def merge_records(out: str | os.PathLike, tissue_ids: Sequence[str] | None = Non
     per_marker = pd.concat([pd.DataFrame(r["per_marker"]) for r in records.values()], ignore_index=True)
     table = per_marker if table is None else pd.concat([table, per_marker], ignore_index=True)
     writer.append_tissues(pd.DataFrame([r["tissue_row"] for r in records.values()]), replace=True)
-    writer._write_bytes("qc.json", json.dumps(qc, indent=1, default=_json_default).encode())
-    writer._write_bytes("qc.csv", table.to_csv(index=False).encode())
+    writer.write_bytes("qc.json", json.dumps(qc, indent=1, default=_json_default).encode())
+    writer.write_bytes("qc.csv", table.to_csv(index=False).encode())
     return len(records)
 
 
@@ -983,7 +982,8 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     M = len(names)
     _, h, w = image.shape
     out_mpp = float(mpp) * stride
-    writer = DatasetWriter.open(out)
+    check_prediction_target(out)
+    writer = DatasetWriter.open(out, kind=PREDICTION, written_by="rosie_predict")
     grid_rel = layout.image_path(PREDICTED_MODALITY, out_mpp, tissue_id)
     blend_rel = layout.image_path(PREDICTED_MODALITY, float(mpp), tissue_id) if opt.blend else None
     for rel in filter(None, (grid_rel, blend_rel)):
@@ -998,13 +998,16 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     if opt.foreground == "store":
         method = tissue_mask if tissue_mask is not None else "otsu"
     fg = foreground_grid(image, stride, method)
+    if not fg.any():
+        raise ValueError(f"{tissue_id}: no tissue found in the H&E ({h}×{w} px): the foreground mask is empty, so the "
+                         "output would be all background; pass --foreground all to predict every patch")
     hout, wout = fg.shape
     qc_sample = QCSample(int(fg.sum()), opt.qc_max_rows)
     cells = CellAccumulator(cell_mask, stride, M) if cell_mask is not None else None
     hist = np.zeros((3, 256), dtype=np.int64)
     stats = RunStats()
 
-    with writer._atomic_file(grid_rel) as tmp:
+    with writer.atomic_path(grid_rel) as tmp:
         arr = _create_zarr_image(writer.fs, tmp, (M, hout, wout), out_mpp, names, tissue_id)
         for t in iter_predictions(image, predictor, stride, fg, opt.tile_size, opt.batch_size, want_he=True,
                                   progress=opt.progress, stats=stats):
@@ -1026,7 +1029,7 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     final_rel = grid_rel
     if opt.blend:
         grid = open_image(grid_rel)
-        with writer._atomic_file(blend_rel) as tmp:  # type: ignore[arg-type]
+        with writer.atomic_path(blend_rel) as tmp:  # type: ignore[arg-type]
             barr = _create_zarr_image(writer.fs, tmp, (M, h, w), float(mpp), names, tissue_id)
             step = CHUNK  # (M, 256, 256) per step: the blend's gathers stay ~50 MB at 50 markers
             for y in range(0, h, step):
@@ -1101,8 +1104,17 @@ def _channel_rows(names: Sequence[str], table: pd.DataFrame | None) -> pd.DataFr
         "is_nuclear_marker": [nuclear.get(n, n == "DAPI") for n in names], "qc_pass": [True] * len(names)})
 
 
+def check_prediction_target(out: str | os.PathLike) -> None:
+    """``out`` must be new, empty or an earlier prediction folder: never a measured dataset or a file."""
+    fs, root = fsspec_root(out)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        check_dataset_target(root, PREDICTION, "rosie_predict",
+                             file_hint="--out is the prediction folder; pass --ome-tiff to also get <tissue>.ome.tif in it")
+
+
 def _check_channels(writer: DatasetWriter, names: Sequence[str]) -> None:
-    old = writer._read_parquet(layout.channels_path(PREDICTED_MODALITY))
+    old = writer.read_parquet(layout.channels_path(PREDICTED_MODALITY))
     if old is not None and [str(c) for c in old["channel_name"]] != list(names):
         raise StoreError(f"{writer.root}: its {PREDICTED_MODALITY} channels {list(old['channel_name'])[:5]}... differ from "
                          f"this model's markers {list(names)[:5]}...; write to a new output folder")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import shared_data
 
+from analysis.outputs import OutputPathError
 from analysis.virtues_reconstruction import (
     SUMMARY_COLUMNS,
     EvalCrop,
@@ -259,7 +260,7 @@ def test_outputs_columns_and_atomic_refusal(tmp_path: Path) -> None:
     assert list(pd.read_csv(out / "summary_seen_unseen.csv").columns)[:3] == ["strategy", "method", "seen"]
     for name in ("pearson_by_strategy.png", "per_marker_scatter.png", "examples_niche_toy.png", "skipped_markers.csv"):
         assert (out / name).is_file(), name
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputPathError, match="already exists"):
         write_outputs(res, out)
     write_outputs(res, out, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"

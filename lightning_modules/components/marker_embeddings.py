@@ -25,6 +25,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_modules.components.model_files import load_tensor_file
+
 ESM_LAYER = 30
 ESM_DIM = 640
 
@@ -64,17 +66,10 @@ def load_marker_embeddings(
             "Compute them with `python -m lightning_modules.components.marker_embeddings "
             "--fasta F --weights W --out DIR` or copy the <UniProtID>.pt files there."
         )
-    rows = []
+    rows: list[Tensor] = []
     for u in ids:
-        path = folder / f"{u}.pt"
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(t, Tensor) or t.dim() != 1:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{path}: expected a 1-d embedding tensor, got {shape}")
-        dim = expected_dim if expected_dim is not None else (rows[0].numel() if rows else t.numel())
-        if t.numel() != dim:
-            raise ValueError(f"{path}: embedding has {t.numel()} values, expected {dim}")
-        rows.append(t.to(torch.float32))
+        dim = expected_dim if expected_dim is not None else (rows[0].numel() if rows else None)
+        rows.append(load_tensor_file(folder / f"{u}.pt", expected_dim=dim))
     return torch.stack(rows), ids
 
 

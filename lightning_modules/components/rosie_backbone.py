@@ -12,7 +12,6 @@ No Lightning here: this is a plain ``nn.Module`` factory.
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_modules.components.model_files import ModelFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -107,50 +108,12 @@ class RosieRegressor(nn.Module):
 # ----------------------------------------------------------------------------- file loading
 
 
-def _numpy_safe_globals() -> list:
-    """Numpy scalar/dtype types that training scripts often leave in checkpoints (e.g. a best
-    metric as ``np.float64``).  Allow-listing them lets ``weights_only=True`` read such files
-    without ever executing pickled code."""
-    import numpy as np
-
-    out: list = [np.dtype]
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    out.append(scalar)
-    out.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return out
-
-
-def load_weights_file(path: str | Path) -> dict:
-    """Read a checkpoint/state-dict file without unpickling code.
-
-    ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``
-    (tensors, containers and numpy scalars only).  A file that needs arbitrary code to unpickle is
-    refused with an error saying so.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (give the path to a local .pth/.pt/.safetensors file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path), device="cpu"))
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint readable with "
-            f"torch.load(weights_only=True) — it would need to run pickled code ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Re-save only the state dict "
-            f"(torch.save(model.state_dict(), ...)) or convert it to .safetensors."
-        ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"could not read {path} as a torch checkpoint: {exc}") from exc
+def load_weights_file(path: str | Path, trust: bool = False) -> dict:
+    """A checkpoint/state-dict file as a dict, read without running code from it (see
+    :func:`~lightning_modules.components.model_files.load_torch_file`)."""
+    obj = load_torch_file(path, trust=trust, what="weights")
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a dict (state dict or checkpoint), got {type(obj).__name__}")
+        raise ModelFileError(f"{path}: expected a dict (state dict or checkpoint), got {type(obj).__name__}")
     return dict(obj)
 
 
