@@ -49,6 +49,9 @@ def dataset_lock(root: str | os.PathLike, fs: fsspec.AbstractFileSystem | None =
     if fs is None:
         fs, root = fsspec.core.url_to_fs(str(root))
     root = str(root)
+    if os.path.basename(root.rstrip("/")).startswith(".") and ".tmp-" in root:
+        yield  # a dataset being assembled in its private temporary folder: nobody else sees it
+        return
     if not _is_local(fs):
         if root not in _warned_remote:
             _warned_remote.add(root)

@@ -446,6 +446,26 @@ def compute_and_store_statistics(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     progress: bool = False,
 ) -> Any:
+    """See :func:`_compute_and_store_statistics`; runs under the dataset's write lock, so statistics
+    never miss a tissue that a concurrent ingest adds (each ingest recomputes them under the lock)."""
+    from datamodules.dataset_lock import dataset_lock
+
+    with dataset_lock(store_root):
+        return _compute_and_store_statistics(store_root, modality, mpp, force, q, reuse_upper_quantiles, stale_tissues,
+                                             block_rows, progress)
+
+
+def _compute_and_store_statistics(
+    store_root: str,
+    modality: str,
+    mpp: float,
+    force: bool = False,
+    q: float = 0.99,
+    reuse_upper_quantiles: bool = False,
+    stale_tissues: Iterable[str] = (),
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    progress: bool = False,
+) -> Any:
     """Compute per-image upper quantiles and dataset means/stds of `modality` at `mpp`; store them.
 
     Computed once and reused: when the store already has them and `force` is False they are just
