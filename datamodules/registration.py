@@ -13,17 +13,14 @@ Nuclei are dark in H&E and bright in DAPI, and SIFT descriptors are not invarian
 inversion, so every H&E signal is inverted (or, for hematoxylin, taken as optical density) so that
 nuclei are bright in both images before CLAHE.
 
-    python -m datamodules.registration --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] --out HE_registered.ome.tif
+    python -m experiments.register_he --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] --out HE_registered.ome.tif
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
-import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -31,8 +28,8 @@ import numpy as np
 DAPI_PATTERN = re.compile(r"^(dapi.*|hoechst.*|dna\d*|dsdna|draq\d|h3|hh3|histone.*h3|nuc)$", re.IGNORECASE)
 
 
-class RegistrationError(RuntimeError):
-    """No transform with enough consistent matches was found."""
+class RegistrationError(ValueError):
+    """No transform with enough consistent matches was found (the images may not show the same tissue)."""
 
 
 @dataclasses.dataclass
@@ -216,47 +213,3 @@ def warp_to(image: np.ndarray, transform: np.ndarray, shape: tuple[int, int], fi
         return out[0]
     return np.moveaxis(out, 0, -1) if channels_last else out
 
-
-# ============================================================================================
-# CLI
-# ============================================================================================
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import os
-    from pathlib import Path
-
-    import tifffile
-
-    from datamodules.ingest import IngestError, normalise_he, read_any
-
-    p = argparse.ArgumentParser(prog="python -m datamodules.registration", description=__doc__.split("\n")[0])
-    p.add_argument("--he", required=True, help="H&E image (RGB TIFF/PNG)")
-    p.add_argument("--dapi", required=True, help="CODEX OME-TIFF (or a single-channel DAPI TIFF)")
-    p.add_argument("--dapi-channel", help="channel name in the CODEX OME-TIFF (default: found by name)")
-    p.add_argument("--out", required=True, help="registered H&E as OME-TIFF in the DAPI pixel grid")
-    p.add_argument("--max-side", type=int, default=2048, help="register at this size (px) and scale back")
-    args = p.parse_args(argv)
-    try:
-        he = normalise_he(read_any(Path(args.he)))
-        codex = read_any(Path(args.dapi))
-        arr = np.squeeze(codex.array)
-        if arr.ndim == 2:
-            dapi = arr
-        else:
-            names = codex.channel_names or [str(i) for i in range(arr.shape[0])]
-            dapi = arr[find_dapi_channel(names, args.dapi_channel)]
-        reg = register_he_to_dapi(np.moveaxis(he, 0, -1), dapi, max_side=args.max_side)
-    except (IngestError, RegistrationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    warped = warp_to(he, reg.transform, dapi.shape, fill=255)
-    tmp = f"{args.out}.tmp"
-    tifffile.imwrite(tmp, np.moveaxis(warped, 0, -1), photometric="rgb", ome=args.out.endswith((".ome.tif", ".ome.tiff")))
-    os.replace(tmp, args.out)
-    print(json.dumps(reg.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

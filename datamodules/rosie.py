@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.markers import ROSIE_PANEL, match_markers
 from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
-from datamodules.sampling import StoreCache, block_means, read_padded, tissue_fraction_grid
+from datamodules.sampling import StoreCache, block_means, no_validation_split, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,9 @@ class RosieDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         hp = self.hparams
-        tissues = self.tissues["val"] or self.tissues["test"]
+        tissues = self.tissues["val"]
+        if not tissues:
+            raise StoreError(no_validation_split("val", self.hparams.data_dirs))
         patches = RosiePatchDataset(tissues, hp.patch_size, hp.block, False, hp.seed,
                                     center_crop=hp.center_crop, chunk_cache_mb=hp.chunk_cache_mb)
         if hp.val_samples and hp.val_samples < patches.total:

@@ -116,3 +116,11 @@ def sample_subimages(mask: np.ndarray | None, shape: tuple[int, int], size: int,
     integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     sums = integral[ys + size, xs + size] - integral[ys, xs + size] - integral[ys + size, xs] + integral[ys, xs]
     return corners[sums / (size * size) >= min_tissue]
+
+
+def no_validation_split(split: str, data_dirs: object) -> str:
+    """Why training refuses to validate on another split: early stopping and checkpoint selection
+    on test tissues would leak the test set into the model that is later scored on it."""
+    return (f"{data_dirs}: no tissue has split {split!r}, so there is nothing to validate on (test tissues are never "
+            "used for validation); mark some tissues 'val' in metadata/tissues.parquet, or train without validation "
+            "with --trainer.limit_val_batches 0")

@@ -394,7 +394,7 @@ class DatasetStore:
         rel = layout.embedding_path(uniprot_id)
         if not self.exists(rel):
             raise StoreError(f"{self.path(rel)}: no marker embedding for {uniprot_id}; compute it with "
-                             "`python -m lightning_modules.components.marker_embeddings`")
+                             "`python -m experiments.marker_embeddings`")
         with self.fs.open(self.path(rel), "rb") as f:
             data = f.read()
         return load_tensor_file(self.path(rel), data=data)
@@ -812,11 +812,7 @@ def info(root: str) -> int:
     from rich.table import Table
 
     console = Console(highlight=False)
-    try:
-        store = DatasetStore(root)
-    except StoreError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
+    store = DatasetStore(root)  # a missing folder is a user error: one line on stderr, exit 2
     console.print(f"[bold]dataset[/bold] {store.name}  ({store.url})")
     problems = store.validate()
     try:
@@ -862,20 +858,22 @@ def info(root: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from datamodules.command_errors import run_command
+
     parser = argparse.ArgumentParser(prog="python -m datamodules.store", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="summarise a dataset folder and list every problem")
     p_info.add_argument("root", help="dataset folder (local path or fsspec URL)")
     p_info.add_argument("--json", action="store_true", help="print problems as JSON lines instead")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        if args.json:
-            problems = DatasetStore(args.root).validate()
-            for p in problems:
-                print(json.dumps(dataclasses.asdict(p)))
-            return 1 if any(p.severity == "error" for p in problems) else 0
-        return info(args.root)
-    return 2
+
+    def json_info() -> int:
+        problems = DatasetStore(args.root).validate()
+        for p in problems:
+            print(json.dumps(dataclasses.asdict(p)))
+        return 1 if any(p.severity == "error" for p in problems) else 0
+
+    return run_command(json_info if args.json else lambda: info(args.root))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import pandas as pd
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
+from datamodules.command_errors import run_command
 from lightning_modules.components.model_files import load_tensor_file
 
 HE_MPP = 0.5
@@ -1227,6 +1228,22 @@ class _Stats:
         return uq, pd.Series(means, index=self.names), pd.Series(stds, index=self.names)
 
 
+GENERATOR = "datamodules.synthetic"
+
+
+def is_synthetic_dataset(root: Path) -> bool:
+    """Whether ``root`` was written by this generator (its manifest, or the ``.complete`` marker of older runs)."""
+    from datamodules.provenance import read_manifest
+
+    manifest = read_manifest(root) or {}
+    if manifest.get("written_by") == GENERATOR:
+        return True
+    try:
+        return json.loads((root / ".complete").read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def generate_dataset(out: str | Path, n_tissues: int, size: int, seed: int, overwrite: bool = False,
                      workers: int = 1, progress: bool = True) -> Path:
     """Generate `n_tissues` synthetic tissues of `size`×`size` px (0.5 µm/px) into `out`; returns `out`.
@@ -1247,6 +1264,9 @@ def generate_dataset(out: str | Path, n_tissues: int, size: int, seed: int, over
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if out.exists() and any(out.iterdir()) and not is_synthetic_dataset(out):
+        raise FileExistsError(f"{out}: exists and is not a synthetic dataset; --overwrite replaces only a dataset this "
+                              "generator wrote: choose another --out")
     imc_table = imc_channels_table()
     imc_names = [str(c) for c in imc_table["channel_name"]]
     emb_dir = ASSETS_DIR / "marker_embeddings"
@@ -1255,7 +1275,7 @@ def generate_dataset(out: str | Path, n_tissues: int, size: int, seed: int, over
     tissue_rows, cell_tables, tiles = [], [], []
     jobs = [(seed, i, size, imc_names) for i in range(n_tissues)]
 
-    with DatasetWriter.create(out, overwrite=overwrite) as w:
+    with DatasetWriter.create(out, overwrite=overwrite, written_by=GENERATOR) as w:
         if workers > 1:
             import multiprocessing as mp
 
@@ -1304,7 +1324,7 @@ def generate_dataset(out: str | Path, n_tissues: int, size: int, seed: int, over
             path = emb_dir / f"{uid}.pt"
             if path.exists():
                 w.write_embedding(uid, load_tensor_file(path))
-        meta = {"generator": "datamodules.synthetic", "n_tissues": n_tissues, "size": size, "seed": seed,
+        meta = {"generator": GENERATOR, "n_tissues": n_tissues, "size": size, "seed": seed,
                 "he_mpp": HE_MPP, "codex_mpp": CODEX_MPP, "imc_mpp": IMC_MPP}
         with w.fs.open(f"{w.root}/.complete", "w") as f:
             f.write(json.dumps(meta, sort_keys=True) + "\n")
@@ -1326,19 +1346,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering tissues in parallel (output is identical)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         _check_args(args.tissues, args.size)
         if Path(args.out).exists() and not args.overwrite:
             raise FileExistsError(f"{args.out}: already exists; pass --overwrite to replace it")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    except (ValueError, FileExistsError) as exc:
-        parser.error(str(exc))
-    t0 = time.perf_counter()
-    out = generate_dataset(args.out, args.tissues, args.size, args.seed, overwrite=args.overwrite, workers=args.workers)
-    print(f"wrote {args.tissues} synthetic tissues ({args.size}×{args.size} px at {HE_MPP} µm/px) to {out} "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0
+        t0 = time.perf_counter()
+        out = generate_dataset(args.out, args.tissues, args.size, args.seed, overwrite=args.overwrite, workers=args.workers)
+        print(f"wrote {args.tissues} synthetic tissues ({args.size}×{args.size} px at {HE_MPP} µm/px) to {out} "
+              f"in {time.perf_counter() - t0:.1f} s")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import layout
 from datamodules.preprocess import MultiplexPreprocessor
 from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
-from datamodules.sampling import StoreCache, read_padded, sample_subimages
+from datamodules.sampling import StoreCache, no_validation_split, read_padded, sample_subimages
 from datamodules.store import DatasetStore, StoreError
 from lightning_modules.components.virtues.masking import channel_dropout, independent_mask
 
@@ -149,7 +149,7 @@ class MarkerTable:
                     vectors[uid] = store.embedding(uid)
         if not vectors:
             raise StoreError("no marker embeddings in any dataset (marker_embeddings/<UniProtID>.pt); "
-                             "compute them with `python -m lightning_modules.components.marker_embeddings`")
+                             "compute them with `python -m experiments.marker_embeddings`")
         ids = sorted(vectors)
         return cls(ids, torch.stack([vectors[u] for u in ids]))
 
@@ -281,5 +281,6 @@ class VirTuesDataModule(L.LightningDataModule):
         return self._loader(self.hparams.train_split, True)
 
     def val_dataloader(self) -> DataLoader:
-        split = self.hparams.val_split if self.tissues.get(self.hparams.val_split) else "test"
-        return self._loader(split, False)
+        if not self.tissues.get(self.hparams.val_split):
+            raise StoreError(no_validation_split(self.hparams.val_split, self.hparams.data_dirs))
+        return self._loader(self.hparams.val_split, False)

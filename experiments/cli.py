@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpointing import ResumableCheckpoint, last_checkpoint_path, restore_csv_rows, resume_info
+from datamodules.command_errors import run_command
+from lightning_modules.components.model_files import load_torch_file, require_kind
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -56,8 +59,24 @@ class VirtuplexCLI(LightningCLI):
             init_args = logger.get("init_args")
             if init_args is not None:
                 init_args["save_dir"] = root
+        if self.subcommand is not None:
+            self._check_checkpoint(config)
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._reopen_logger_runs(config, trainer, root)
+
+    def _check_checkpoint(self, config: Any) -> None:
+        """``--ckpt_path FILE`` goes through the project's safe loader first: a file whose pickle
+        would run code, a damaged file or the other model's checkpoint is refused by name
+        (``--weights_only false`` is the explicit opt-in to full unpickling)."""
+        path = config.get("ckpt_path")
+        if not path or not os.path.isfile(str(path)):
+            return
+        trust = config.get("weights_only") is False
+        raw = load_torch_file(path, trust=trust, mmap=True)
+        require_kind(path, raw, self.checkpoint_kinds, f"{type(self).__name__.removesuffix('CLI').lower()} training")
+
+    #: Kinds of checkpoint (see model_files.checkpoint_kind) this CLI resumes from.
+    checkpoint_kinds: tuple[str, ...] = ("rosie", "virtues")
 
     def _reopen_logger_runs(self, config: Any, trainer: Any, root: str) -> None:
         """Point each logger at the run the checkpoint was logging to (same class, same position)."""
@@ -100,3 +119,9 @@ class VirtuplexCLI(LightningCLI):
                 kept = restore_csv_rows(logger, self._resume.get("logged_steps"))
                 if kept:
                     log.info("%s: resumed run keeps %d rows logged before the checkpoint", logger.log_dir, kept)
+
+
+def run_cli(main: Callable[[list[str] | None], Any], args: list[str] | None = None) -> int:
+    """A LightningCLI entry point under the error contract: a user error (bad config value, missing
+    dataset piece, unsafe checkpoint) is one line and exit code 2; argument errors stay jsonargparse's."""
+    return run_command(lambda: main(args) and None)

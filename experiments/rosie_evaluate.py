@@ -114,13 +114,12 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.store import StoreError
+    from datamodules.command_errors import run_command
 
-    try:
-        result = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: report(args, run(args)))
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
     print(result["summary"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not result["skipped"].empty:
         for _, r in result["skipped"].iterrows():
@@ -129,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"markers: {int((m['status'] == 'matched').sum())} matched, "
           f"{int((m['status'] == 'not_measured').sum())} predicted but not measured, "
           f"{int((m['status'] == 'not_predicted').sum())} measured but not predicted (see {args.out}/markers.csv)")
-    return 0
 
 
 if __name__ == "__main__":

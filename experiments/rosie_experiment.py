@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
+from datamodules.command_errors import run_command
+from datamodules.store import StoreError
 from lightning_modules.components.model_files import load_torch_file
 
 log = logging.getLogger("rosie_experiment")
@@ -149,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(lambda: run(args, argv))
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     from experiments.rosie_evaluation_pipeline import evaluate
     from datamodules.store import DatasetStore
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     store = DatasetStore(args.data)
     held_out = store.tissue_ids(args.split)
     if not held_out:
-        raise SystemExit(f"error: {args.data}: no tissue in split {args.split!r}")
+        raise StoreError(f"{args.data}: no tissue in split {args.split!r}")
 
     t0 = time.perf_counter()
     metrics = None
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     code = rosie_predict(["--ckpt", ckpt, "--he", args.data, "--split", args.split, "--out", str(pred_dir),
                           "--stride", str(args.stride), "--ome-tiff", "--reference-hist", str(ref), "--overwrite"])
     if code:
-        raise SystemExit(f"error: prediction failed (exit {code})")
+        raise ValueError(f"prediction of the held-out tissues failed (exit {code}; its error is above)")
     qc = json.loads((pred_dir / "qc.json").read_text()) if (pred_dir / "qc.json").exists() else {}
 
     eval_dir = run_dir / "evaluation"

@@ -7,7 +7,9 @@ together with the per-marker target scales, so a checkpoint always knows its mar
 
 from __future__ import annotations
 
-from experiments.cli import VirtuplexCLI
+import sys
+
+from experiments.cli import VirtuplexCLI, run_cli
 
 from datamodules.markers import ROSIE_PANEL
 from datamodules.rosie import RosieDataModule
@@ -23,6 +25,8 @@ def panel_size(names: list[str] | None) -> int:
 
 
 class RosieCLI(VirtuplexCLI):
+    checkpoint_kinds = ("rosie",)
+
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.marker_names", "model.marker_names", compute_fn=panel)
         parser.link_arguments("data.marker_names", "model.num_markers", compute_fn=panel_size)
@@ -37,4 +41,4 @@ def main(args: list[str] | None = None) -> RosieCLI:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

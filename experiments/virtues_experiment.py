@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
+from datamodules.command_errors import run_command
+from datamodules.store import StoreError
 from lightning_modules.components.model_files import load_torch_file
 
 log = logging.getLogger("experiments.virtues_experiment")
@@ -173,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(lambda: run(args, argv))
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     import torch
 
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     store = DatasetStore(args.data)
     held_out = store.tissue_ids(args.split)
     if not held_out:
-        raise SystemExit(f"error: {args.data}: no tissue in split {args.split!r}")
+        raise StoreError(f"{args.data}: no tissue in split {args.split!r}")
 
     metrics, steps = None, 0
     if args.ckpt:

@@ -9,13 +9,17 @@ DDP/FSDP and multi-node runs are configuration only: `--trainer.devices`, `--tra
 
 from __future__ import annotations
 
-from experiments.cli import VirtuplexCLI
+import sys
+
+from experiments.cli import VirtuplexCLI, run_cli
 
 from datamodules.virtues import VirTuesDataModule
 from lightning_modules.virtues import VirTuesModule
 
 
 class VirTuesCLI(VirtuplexCLI):
+    checkpoint_kinds = ("virtues",)
+
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("model.patch_size", "data.patch_size")
 
@@ -36,4 +40,4 @@ def main(args: list[str] | None = None) -> VirTuesCLI:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -58,9 +58,7 @@ def test_simulate_tissue_is_deterministic() -> None:
     (["--tissues", "0"], ">= 1"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as exc:
-        S.main(["--out", str(tmp_path / "x"), *argv])
-    assert exc.value.code == 2
+    assert S.main(["--out", str(tmp_path / "x"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -68,8 +66,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_existing_output_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ds"
     out.mkdir()
-    with pytest.raises(SystemExit):
-        S.main(["--out", str(out), "--tissues", "1", "--size", "128"])
+    assert S.main(["--out", str(out), "--tissues", "1", "--size", "128"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="overwrite"):
         S.generate_dataset(out, 1, 128, 0, progress=False)

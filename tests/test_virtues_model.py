@@ -317,6 +317,9 @@ def test_esm_helpers(tmp_path):
         me.compute_esm_embeddings(["P01730"], ["MNRG"], tmp_path / "missing.pt")
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):  # read (safely) before any backend sees it
+        me.compute_esm_embeddings(["P01730"], ["MNRG"], weights)
+    torch.save({"model": {}, "args": None}, weights)
     try:
         import esm  # noqa: F401
         has_backend = True

@@ -10,7 +10,7 @@ Computing new embeddings (``compute_esm_embeddings`` / the CLI) needs ``fair-esm
 
 CLI::
 
-    python -m lightning_modules.components.marker_embeddings \\
+    python -m experiments.marker_embeddings \\
         --fasta markers.fasta --weights esm2_t30_150M_UR50D.pt --out marker_embeddings/
 """
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_modules.components.model_files import load_tensor_file
+from lightning_modules.components.model_files import load_tensor_file, load_torch_file
 
 ESM_LAYER = 30
 ESM_DIM = 640
@@ -63,7 +63,7 @@ def load_marker_embeddings(
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} marker embedding(s) missing in {folder}: {missing}. "
-            "Compute them with `python -m lightning_modules.components.marker_embeddings "
+            "Compute them with `python -m experiments.marker_embeddings "
             "--fasta F --weights W --out DIR` or copy the <UniProtID>.pt files there."
         )
     rows: list[Tensor] = []
@@ -129,11 +129,15 @@ def compute_esm_embeddings(
     model_path: str | os.PathLike,
     layer: int = ESM_LAYER,
     device: str = "cpu",
+    trust: bool = False,
 ) -> dict[str, Tensor]:
     """Mean over residues (BOS/EOS excluded) of ESM-2 layer ``layer``, one sequence at a time.
 
     Uses ``fair-esm`` if installed (``model_path`` = the ``esm2_t30_150M_UR50D.pt`` file), else
     ``transformers`` (``model_path`` = a local HF folder or file inside one). Nothing is downloaded.
+    A fair-esm weights file is read through the project's safe loader before fair-esm sees it: the
+    released file pickles an ``argparse.Namespace`` (allowed), anything that would run code needs
+    ``trust`` (``--trust-checkpoint``).
 
     Raises:
         FileNotFoundError: ``model_path`` does not exist.
@@ -147,14 +151,17 @@ def compute_esm_embeddings(
             f"ESM-2 weights not found at {path}; download esm2_t30_150M_UR50D yourself and pass the "
             "local path (this project never downloads weights at run time)"
         )
+    weights = None
+    if path.is_file() and path.suffix in (".pt", ".pth"):  # a fair-esm file: read it safely first
+        weights = load_torch_file(path, trust=trust, what="ESM-2 weights", extra_globals=[argparse.Namespace])
     try:
         import esm  # fair-esm
     except ImportError:
         esm = None
     if esm is not None:
-        if not path.is_file():
+        if weights is None:
             raise FileNotFoundError(f"fair-esm needs the weights FILE (e.g. esm2_t30_150M_UR50D.pt), got {path}")
-        return _embed_fair_esm(esm, uniprot_ids, sequences, path, layer, device)
+        return _embed_fair_esm(esm, uniprot_ids, sequences, path, weights, layer, device)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -165,8 +172,10 @@ def compute_esm_embeddings(
 
 
 @torch.no_grad()
-def _embed_fair_esm(esm, ids, seqs, path: Path, layer: int, device: str) -> dict[str, Tensor]:  # noqa: ANN001
-    model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(path))
+def _embed_fair_esm(esm, ids, seqs, path: Path, weights: dict, layer: int, device: str) -> dict[str, Tensor]:  # noqa: ANN001
+    regression_file = path.with_name(f"{path.stem}-contact-regression.pt")
+    regression = load_torch_file(regression_file, what="ESM-2 contact regression") if regression_file.is_file() else None
+    model, alphabet = esm.pretrained.load_model_and_alphabet_core(path.stem, weights, regression)
     model.eval().to(device)
     if layer > model.num_layers:
         raise ValueError(f"layer {layer} > {model.num_layers} layers in {path}")
@@ -197,33 +206,3 @@ def _embed_transformers(ids, seqs, path: Path, layer: int, device: str) -> dict[
         hidden = res.last_hidden_state if layer == n_layers else res.hidden_states[layer]
         out[uid] = hidden[0, 1 : len(seq) + 1].mean(0).float().cpu()
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Compute ESM-2 marker embeddings (<UniProtID>.pt files).")
-    parser.add_argument("--fasta", required=True, help="FASTA with one record per marker protein")
-    parser.add_argument("--weights", required=True, help="local ESM-2 weights (fair-esm .pt file or HF folder)")
-    parser.add_argument("--out", required=True, help="output folder for <UniProtID>.pt files")
-    parser.add_argument("--layer", type=int, default=ESM_LAYER)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--overwrite", action="store_true", help="recompute ids whose file exists")
-    args = parser.parse_args(argv)
-    try:
-        ids, seqs = read_fasta(args.fasta)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    out = Path(args.out)
-    todo = [(u, s) for u, s in zip(ids, seqs) if args.overwrite or not (out / f"{u}.pt").is_file()]
-    if not todo:
-        print(f"all {len(ids)} embeddings already in {out}")
-        return
-    try:
-        emb = compute_esm_embeddings([u for u, _ in todo], [s for _, s in todo], args.weights, args.layer, args.device)
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    save_marker_embeddings(emb, out)
-    print(f"wrote {len(emb)} embeddings to {out}")
-
-
-if __name__ == "__main__":
-    main()

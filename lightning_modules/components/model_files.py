@@ -18,7 +18,7 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,12 @@ def _check_file(path: Path, what: str) -> None:
         raise ModelFileError(f"{path}: the {what} file is empty (0 bytes); copy it again")
 
 
-def load_torch_file(path: str | os.PathLike, *, trust: bool = False, what: str = "checkpoint", mmap: bool = False) -> Any:
+def load_torch_file(path: str | os.PathLike, *, trust: bool = False, what: str = "checkpoint", mmap: bool = False,
+                    extra_globals: Sequence[Any] = ()) -> Any:
     """The object stored in ``path``, never running code from it unless ``trust``.
+
+    ``extra_globals``: further classes the file may rebuild, for formats that pickle a plain data
+    holder (fair-esm's ``argparse.Namespace``); they must not run code when reconstructed.
 
     Raises :class:`UnsafeModelFileError` (naming the file and the safe alternative) for a pickle
     that needs code, and :class:`ModelFileError` for a missing, empty, truncated or foreign file.
@@ -76,7 +80,7 @@ def load_torch_file(path: str | os.PathLike, *, trust: bool = False, what: str =
     try:
         if trust:
             return torch.load(str(path), map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(numpy_safe_globals()):
+        with torch.serialization.safe_globals([*numpy_safe_globals(), *extra_globals]):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as exc:
         if _is_damaged(path):

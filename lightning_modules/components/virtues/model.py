@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..model_files import ModelFileError, load_torch_file
 from ..marker_embeddings import load_marker_embeddings
 from .attention import BACKENDS
 from .decoder import VirTuesDecoder
@@ -336,8 +337,6 @@ class VirTues(nn.Module):
         Raises:
             ValueError: listing missing keys, unexpected keys and shape mismatches.
         """
-        from safetensors.torch import load_file
-
         path = Path(path)
         if path.is_dir():
             weights = path / "model.safetensors"
@@ -358,7 +357,11 @@ class VirTues(nn.Module):
             if isinstance(config, (str, os.PathLike))
             else cls.from_config(config, **overrides)
         )
-        model.load_official_state_dict(load_file(str(weights)), source=str(weights))
+        state = load_torch_file(weights, what="VirTues weights")
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+            raise ModelFileError(f"{weights}: this is a Lightning checkpoint, not official-layout weights; "
+                                 "pass it as --ckpt (commands) or --ckpt_path (training)")
+        model.load_official_state_dict(state, source=str(weights))
         return model
 
     def load_official_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
