@@ -104,11 +104,29 @@ def _raise_on_messages(messages: list[logging.LogRecord], path: Path, tif: Any) 
         return
     tif.close()
     if ome:
-        detail = ome[0].split("> ", 1)[-1]
+        detail = _ome_plane_count(tif) or ome[0].split("> ", 1)[-1]
         raise ImageMetadataError(f"{path}: its OME-XML metadata disagrees with the planes stored in the file ({detail}); "
                                  "re-export it so the header matches the pixels (e.g. bfconvert or tifffile)")
     detail = errors[0].split("> ", 1)[-1]
     raise DamagedImageError(f"{path}: the TIFF is damaged or truncated ({detail}); {RECOPY}")
+
+
+def _ome_plane_count(tif: Any) -> str | None:
+    """'the header declares N planes (C×Z×T), the file stores M' from the OME-XML, when it says."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(tif.ome_metadata or "")
+    except ET.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None
+    sizes = [int(pixels.get(k, 1)) for k in ("SizeC", "SizeZ", "SizeT")]
+    declared = sizes[0] * sizes[1] * sizes[2]
+    stored = sum(int(np.prod(p.shape)) // max(1, p.imagelength * p.imagewidth) for p in tif.pages)
+    return (f"the header declares {sizes[0]} channel(s) × {sizes[1]} z × {sizes[2]} t = {declared} plane(s), "
+            f"the file stores {stored}")
 
 
 def check_tiff_complete(tif: Any, series: Any, path: Path) -> None:

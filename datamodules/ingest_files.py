@@ -353,8 +353,8 @@ def to_instance_mask(mask: np.ndarray, path: Path | str) -> np.ndarray:
     try:
         return instance_ids(mask, "cell mask")
     except StoreError as exc:
-        raise IngestError(path, "values", str(exc).split("cell mask ", 1)[-1],
-                          "save integer instance ids: 0 = background, 1..2^32-1 = cells") from None
+        raise IngestError(path, "cell ids", str(exc).removeprefix("cell mask ").split("; ")[0],
+                          str(exc).split("; ", 1)[-1]) from None
 
 
 def read_table(path: Path) -> pd.DataFrame:

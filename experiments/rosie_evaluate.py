@@ -79,11 +79,28 @@ def rosie_predict_fn(module):
     return predict
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Numbers outside their range are refused before anything is read."""
+    from datamodules import layout
+
+    if args.morphology_epochs < 1:
+        raise ValueError(f"--morphology-epochs {args.morphology_epochs}: must be >= 1 (the paper trains 50)")
+    if not 1 <= args.patch_stride <= 8:
+        raise ValueError(f"--patch-stride {args.patch_stride}: must be from 1 to 8 px")
+    if args.gradcam_patches < 1:
+        raise ValueError(f"--gradcam-patches {args.gradcam_patches}: must be >= 1")
+    if args.pred_mpp is not None:
+        layout.check_mpp(args.pred_mpp, "--pred-mpp")
+    if args.split is not None:
+        args.split = layout.normalise_split(args.split)
+
+
 def run(args: argparse.Namespace) -> dict:
     from datamodules.rosie import normalize_he
     from datamodules.rosie_evaluation_data import is_patch_level_truth
     from experiments import rosie_evaluation_pipeline as pipeline
 
+    check_arguments(args)
     gradcam = {}
     if args.gradcam_ckpt:
         cam = load_rosie_module(args.gradcam_ckpt, args.trust_checkpoint)

@@ -43,7 +43,7 @@ from analysis.rosie_evaluation import (
     predict_patch_mean,
 )
 from analysis.rosie_metrics import SamplePatches
-from datamodules import rosie_evaluation_data
+from datamodules import layout, rosie_evaluation_data
 from datamodules.markers import match_markers
 from datamodules.rosie_evaluation_data import (
     MODALITY,
@@ -56,6 +56,7 @@ from datamodules.rosie_evaluation_data import (
     read_he,
     read_rgb_png,
 )
+from datamodules.provenance import PREDICTION, dataset_kind
 from datamodules.store import DatasetStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ def evaluate(
     t0 = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
         pred, truth = DatasetStore(str(pred_dir)), DatasetStore(str(truth_dir))
+        if Path(str(pred_dir)).is_dir() and dataset_kind(pred_dir) != PREDICTION:
+            raise EvaluationError(f"--pred {pred_dir}: is a measured dataset, not an output of rosie_predict; scoring "
+                                  "measured against measured would report a perfect model: give the prediction folder")
         for store, what in ((pred, "--pred"), (truth, "--truth")):
             if MODALITY not in store.modalities():
                 raise EvaluationError(f"{what} {store.url}: no '{MODALITY}' modality (has {store.modalities()})")
@@ -118,6 +122,7 @@ def evaluate(
             log.warning("%d predicted tissues have no measured %s in %s (not evaluated): %s", len(no_truth), MODALITY, truth.url, no_truth)
         ids = [t for t in pred_ids if t in truth_ids]
         if split is not None:
+            split = layout.normalise_split(split)
             if not splits:
                 raise EvaluationError(f"{truth.url}: --split {split} given but metadata/tissues.parquet has no 'split' column")
             other = [t for t in ids if splits.get(t) != split]

@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
+    from analysis.outputs import looks_like_dataset
     from datamodules import layout
     from datamodules.store import DatasetStore, StoreError
     from lightning_modules import rosie_inference as ri
@@ -175,6 +176,9 @@ def predict(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress)
     jobs: list = []
     if he.is_dir():
+        if not looks_like_dataset(he):
+            raise ValueError(f"--he {he}: is a folder but not a dataset (no metadata/tissues.parquet or modality folder); "
+                             "give an H&E image file, or a dataset folder made by ingest")
         if (args.tissue_id is None) == (args.split is None):
             raise ValueError(f"--he {he} is a dataset folder: give exactly one of --tissue-id ID or --split SPLIT")
         if args.mpp is not None:

@@ -400,12 +400,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Numbers outside their range are refused before the model is loaded."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-crops", args.max_crops), ("--crop-size", args.crop_size)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    if args.marker_max_crops is not None and args.marker_max_crops < 1:
+        raise ValueError(f"--marker-max-crops {args.marker_max_crops}: must be a positive integer")
+    if not 0.0 <= args.min_tissue_fraction <= 1.0:
+        raise ValueError(f"--min-tissue-fraction {args.min_tissue_fraction}: must be a fraction between 0 and 1")
+    if args.mpp is not None:
+        layout.check_mpp(args.mpp, "--mpp")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
 
     def body() -> None:
+        check_arguments(args)
         result = run(args.ckpt, args.data, args.out, args.split, args.modality, args.max_crops, args.seed, args.overwrite,
                      args.config, args.embeddings, args.allow_missing_table_rows, args.batch_size, args.min_tissue_fraction,
                      args.fit_split, mpp=args.mpp, strategies=strategies, device=args.device,

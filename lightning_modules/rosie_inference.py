@@ -999,7 +999,8 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
         method = tissue_mask if tissue_mask is not None else "otsu"
     fg = foreground_grid(image, stride, method)
     if not fg.any():
-        raise ValueError(f"{tissue_id}: no tissue found in the H&E ({h}×{w} px): the foreground mask is empty, so the "
+        source = getattr(image, "name", None) or getattr(image, "path", None) or tissue_id
+        raise ValueError(f"{source}: no tissue found in the H&E ({h}×{w} px): the foreground mask is empty, so the "
                          "output would be all background; pass --foreground all to predict every patch")
     hout, wout = fg.shape
     qc_sample = QCSample(int(fg.sum()), opt.qc_max_rows)
