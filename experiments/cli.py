@@ -18,11 +18,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpointing import ResumableCheckpoint, last_checkpoint_path, restore_csv_rows, resume_info
 from datamodules.command_errors import run_command
-from lightning_modules.components.model_files import load_torch_file, require_kind
+from lightning_modules.components.model_files import load_torch_file, numpy_safe_globals, require_kind
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -59,8 +60,6 @@ class VirtuplexCLI(LightningCLI):
             init_args = logger.get("init_args")
             if init_args is not None:
                 init_args["save_dir"] = root
-        if self.subcommand is not None:
-            self._check_checkpoint(config)
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._reopen_logger_runs(config, trainer, root)
 
@@ -74,6 +73,20 @@ class VirtuplexCLI(LightningCLI):
         trust = config.get("weights_only") is False
         raw = load_torch_file(path, trust=trust, mmap=True)
         require_kind(path, raw, self.checkpoint_kinds, f"{type(self).__name__.removesuffix('CLI').lower()} training")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyper-parameters right after parsing, with its own
+        ``torch.load``: the file passes the project's checks first (LightningCLI hook, 2.x)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        self._check_checkpoint(config)
+        if config.get("weights_only") is False:
+            log.info("--weights_only false: hyper-parameters come from the config, not from the trusted checkpoint")
+            return
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            super()._parse_ckpt_path()
 
     #: Kinds of checkpoint (see model_files.checkpoint_kind) this CLI resumes from.
     checkpoint_kinds: tuple[str, ...] = ("rosie", "virtues")

@@ -85,8 +85,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     if args.morphology_epochs < 1:
         raise ValueError(f"--morphology-epochs {args.morphology_epochs}: must be >= 1 (the paper trains 50)")
-    if not 1 <= args.patch_stride <= 8:
-        raise ValueError(f"--patch-stride {args.patch_stride}: must be from 1 to 8 px")
+    if args.patch_stride < 1:
+        raise ValueError(f"--patch-stride {args.patch_stride}: must be a positive number of px")
     if args.gradcam_patches < 1:
         raise ValueError(f"--gradcam-patches {args.gradcam_patches}: must be >= 1")
     if args.pred_mpp is not None:

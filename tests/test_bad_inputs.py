@@ -14,9 +14,13 @@ from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (imported here, not inside a captured case: its log handler keeps the real stderr)
 import pytest
-from bad_input_catalogue import CATALOGUE, Case, Ctx, Shared
 
 from datamodules.command_errors import USER_ERRORS
+
+if __package__:  # `python -m tests.test_bad_inputs` (regenerating the README table)
+    from tests.bad_input_catalogue import CATALOGUE, Case, Ctx, Shared
+else:  # pytest puts tests/ on sys.path
+    from bad_input_catalogue import CATALOGUE, Case, Ctx, Shared
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,13 @@ so these tests can fail.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from bad_input_catalogue import Case, Ctx, Shared, write_code_running_pickle
+from bad_input_catalogue import Case, CodeRunner, Ctx, Shared, write_code_running_pickle
 from bad_input_catalogue.models import CASES, CODE_RUNNING_FILES, mark
 
 CODE_RUNNING = [c for c in CASES if c.id in CODE_RUNNING_FILES]
@@ -61,12 +62,18 @@ def test_payload_runs_under_full_unpickling(tmp_path: Path, wrap: str) -> None:
     assert target.exists(), "the payload did not run: the tests above would pass vacuously"
 
 
-def test_weights_only_load_does_not_run_payload(tmp_path: Path) -> None:
-    """Control: the project's loader refuses the same file and the mark stays absent."""
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_loader_refuses_payload(tmp_path: Path, protocol: int) -> None:
+    """Control: the project's loader refuses the payload whatever the pickle protocol, and the mark
+    stays absent. Protocol 2 (torch.save's default) reaches the blocked ``os.system`` global itself,
+    which the refusal names; the highest protocol may be refused earlier, at its framing opcode."""
     from lightning_modules.components.model_files import UnsafeModelFileError, load_torch_file
 
     target = tmp_path / "PWNED"
-    path = write_code_running_pickle(tmp_path / "evil.ckpt", target)
-    with pytest.raises(UnsafeModelFileError, match=r"evil\.ckpt.*refusing"):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": CodeRunner(target)}}, path, pickle_protocol=protocol)
+    with pytest.raises(UnsafeModelFileError, match=r"evil\.ckpt.*refusing.*(safetensors|state_dict)") as info:
         load_torch_file(path)
+    if protocol == 2:
+        assert "system" in str(info.value), f"the refusal does not name the global it blocked: {info.value}"
     assert not target.exists()

@@ -15,6 +15,7 @@ from analysis.rosie_evaluation import EvaluationError, detect_stride, predict_pa
 from datamodules.rosie_evaluation_data import load_tissue, match_panel
 from experiments.rosie_evaluation_pipeline import evaluate
 from datamodules.sampling import block_means
+from datamodules.provenance import PREDICTION
 from datamodules.store import DatasetStore, DatasetWriter
 from conftest import shared_data
 
@@ -31,7 +32,7 @@ def fabricate_prediction(truth_root: Path, out: Path, stride: int, noise: float 
     names = [str(n) for n in truth.channels("codex")["channel_name"]]
     keep = [i for i, n in enumerate(names) if n != DROPPED]
     out_names = [RENAME.get(names[i], names[i]) for i in keep] + [EXTRA]
-    with DatasetWriter.create(out, overwrite=True) as w:
+    with DatasetWriter.create(out, overwrite=True, kind=PREDICTION) as w:
         for tid in truth.tissue_ids():
             img = truth.image("codex", tid, 0.5)
             bm = block_means(img, stride)[keep]

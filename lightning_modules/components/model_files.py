@@ -85,12 +85,14 @@ def load_torch_file(path: str | os.PathLike, *, trust: bool = False, what: str =
     except pickle.UnpicklingError as exc:
         if _is_damaged(path):
             raise ModelFileError(f"{path}: the {what} file is truncated or damaged; copy it again") from None
-        first = (str(exc).splitlines() or [""])[0]
-        if "weights_only" in str(exc) or "global" in str(exc).lower():
+        calls = unsafe_globals(path)
+        if calls:
             raise UnsafeModelFileError(
-                f"{path}: refusing to load this {what}: unpickling it would run code from the file ({_culprit(exc)}); "
-                f"{SAFE_ALTERNATIVE}") from None
-        raise ModelFileError(f"{path}: not a PyTorch {what} file ({first})") from None
+                f"{path}: refusing to load this {what}: unpickling it would run code from the file (it calls "
+                f"{', '.join(calls[:3])}); {SAFE_ALTERNATIVE}") from None
+        raise ModelFileError(f"{path}: this {what} uses pickle features the safe loader cannot read ({_reason(exc)}); "
+                             "re-save it with torch.save(state_dict, path) (default protocol) or as .safetensors; "
+                             "--trust-checkpoint only for a file you made yourself") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ModelFileError(f"{path}: the {what} file is truncated, damaged or not a PyTorch file ({first}); "
@@ -118,13 +120,65 @@ def _is_damaged(path: Path) -> bool:
     return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
-def _culprit(exc: BaseException) -> str:
-    """The global the pickle asked for, as torch names it, for the message."""
-    text = str(exc)
-    for line in text.splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip().rstrip(".")[:160]
-    return type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """The informative line of torch's long weights-only message (e.g. 'Unsupported operand 149')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if line.startswith("Unsupported")]
+    return (useful or lines or [type(exc).__name__])[0][:160]
+
+
+#: Modules whose globals a tensor checkpoint legitimately names (rebuilding tensors, dicts, numpy scalars).
+_DATA_MODULES = ("torch", "collections", "numpy", "_codecs", "argparse")
+_DATA_BUILTINS = {"builtins.set", "builtins.frozenset", "builtins.slice", "builtins.bytearray", "builtins.complex"}
+
+
+def unsafe_globals(path: str | os.PathLike) -> list[str]:
+    """Functions and classes outside tensor/container rebuilding that the file's pickle would call
+    (``posix.system``, ``builtins.eval``, ...), found by reading its opcodes without executing them."""
+    found: list[str] = []
+    for name in _pickle_globals(_pickle_bytes(Path(path))):
+        module = name.split(".", 1)[0]
+        if module not in _DATA_MODULES and name not in _DATA_BUILTINS and name not in found:
+            found.append(name)
+    return found
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    return path.read_bytes()  # legacy format: several pickles back to back
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL, tracking the memo for STACK_GLOBAL's strings."""
+    import pickletools
+
+    names: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        recent: list[object] = []
+        memo: dict[int, object] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+                    names.append(f"{recent[-2]}.{recent[-1]}")
+                if op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[int(arg)] = recent[-1] if recent else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    recent.append(memo.get(int(arg)))
+                elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+                    recent.append(arg)
+                if op.name == "STOP":
+                    break
+        except (ValueError, EOFError, KeyError):
+            break
+    return names
 
 
 def load_torch_bytes(data: bytes, name: str, what: str = "marker embedding") -> Any:
@@ -135,8 +189,8 @@ def load_torch_bytes(data: bytes, name: str, what: str = "marker embedding") -> 
         with torch.serialization.safe_globals(numpy_safe_globals()):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeModelFileError(f"{name}: refusing to load this {what}: unpickling it would run code from the file "
-                                   f"({_culprit(exc)}); {SAFE_ALTERNATIVE}") from None
+        raise UnsafeModelFileError(f"{name}: refusing to load this {what}: the safe loader cannot read it "
+                                   f"({_reason(exc)}); {SAFE_ALTERNATIVE}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"{name}: the {what} file is truncated, damaged or not a PyTorch file "
                              f"({(str(exc).splitlines() or [''])[0]}); copy it again") from None
