@@ -151,6 +151,13 @@ class MarkerTable:
             raise StoreError("no marker embeddings in any dataset (marker_embeddings/<UniProtID>.pt); "
                              "compute them with `python -m experiments.marker_embeddings`")
         ids = sorted(vectors)
+        dims = {u: int(vectors[u].numel()) for u in ids}
+        common = max(set(dims.values()), key=list(dims.values()).count)
+        odd = [u for u in ids if dims[u] != common]
+        if odd:
+            where = {u: s.path(layout.embedding_path(u)) for s in stores for u in odd if u in s.embedding_ids()}
+            raise StoreError(f"{where[odd[0]]}: embedding has {dims[odd[0]]} values but the other markers' have {common} "
+                             f"({len(odd)} such file(s): {odd[:5]}); recompute them with the same ESM-2 model")
         return cls(ids, torch.stack([vectors[u] for u in ids]))
 
 

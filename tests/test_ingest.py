@@ -405,3 +405,36 @@ def test_ingest_registers_he_to_codex_dapi(tmp_path):
     inv_grey = 255.0 - he.read_all().astype(np.float32).mean(0)
     inner = (slice(40, 360), slice(40, 360))
     assert np.corrcoef(inv_grey[inner].ravel(), dapi[inner].ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("encoding, sep", [("utf-8", ","), ("utf-8-sig", ";"), ("utf-16", "\t"), ("cp1252", "|")])
+def test_tables_from_other_tools_are_read_as_meant(tmp_path, encoding, sep):
+    """Excel/R/LIMS exports: separators, BOMs, UTF-16, Latin-1, TRUE/yes booleans, 'Train'/'validation' splits."""
+    image = _write_ome(tmp_path / "m.ome.tif", _tissue_image(3, 64, 64), ["DAPI", "CD45", "PanCK"])
+    rows = [["channel_name", "uniprot_id", "is_nuclear_marker", "qc_pass"],
+            ["DAPI", "", "TRUE", "yes"], ["CD45", "P08575", "FALSE", "no"], ["PanCK", "P05787", "0", "1"]]
+    (tmp_path / "c.csv").write_bytes("\n".join(sep.join(r) for r in rows).encode(encoding))
+    clinical = [["tissue_id", "split", "site"], ["t0", "Validation", "Zürich"], ["t1", "Train", "Genève"]]
+    (tmp_path / "clinical.csv").write_bytes("\n".join(sep.join(r) for r in clinical).encode(encoding))
+    ingest(image, "imc", "ds", "t0", tmp_path / "out", channels=tmp_path / "c.csv", tissues_csv=tmp_path / "clinical.csv")
+    store = DatasetStore(tmp_path / "out" / "ds")
+    channels = store.channels("imc")
+    assert channels["is_nuclear_marker"].tolist() == [True, False, False]
+    assert channels["qc_pass"].tolist() == [True, False, True]
+    assert channels["uniprot_id"].tolist()[1:] == ["P08575", "P05787"]
+    row = store.tissues().iloc[0]
+    assert row["split"] == "val" and row["site"] == "Zürich"
+    assert store.tissue_ids("validation") == ["t0"]
+
+
+def test_split_spellings_in_a_foreign_tissues_table(tmp_path):
+    """A tissues.parquet written by another tool with 'Train'/'Test' labels is read with the canonical splits."""
+    image = _write_ome(tmp_path / "m.ome.tif", _tissue_image(3, 64, 64), ["DAPI", "CD45", "PanCK"])
+    for i, split in enumerate(["Train", "TESTING", " val "]):
+        ingest(image, "imc", "ds", f"t{i}", tmp_path / "out", split="train")
+    path = tmp_path / "out" / "ds" / "metadata" / "tissues.parquet"
+    table = pd.read_parquet(path)
+    table["split"] = ["Train", "TESTING", " val "]
+    table.to_parquet(path)
+    store = DatasetStore(tmp_path / "out" / "ds")
+    assert (store.tissue_ids("train"), store.tissue_ids("test"), store.tissue_ids("val")) == (["t0"], ["t1"], ["t2"])

@@ -206,6 +206,38 @@ def test_cli_bad_inputs_give_clear_errors(atto_ckpt, tmp_path, capsys):
     assert not (tmp_path / "o" / "codex").exists()
 
 
+def test_measured_dataset_as_out_is_refused_and_left_byte_identical(atto_ckpt, synthetic_dataset, tmp_path, capsys):
+    """The reported data loss: --out at a measured dataset blanked clinical fields and dropped a channel column."""
+    import shutil
+
+    from experiments.rosie_predict import main
+
+    measured = tmp_path / "measured"
+    shutil.copytree(synthetic_dataset, measured)
+    before = {p.relative_to(measured): p.read_bytes() for p in measured.rglob("*") if p.is_file()}
+    save_png(tmp_path / "he.png", he_like(96, 96))
+    for extra in ([], ["--overwrite"]):
+        rc = main(["--ckpt", str(atto_ckpt), "--he", str(tmp_path / "he.png"), "--out", str(measured), "--device", "cpu",
+                   "--no-progress", *extra])
+        assert rc == 2 and "is a measured dataset" in capsys.readouterr().err
+    after = {p.relative_to(measured): p.read_bytes() for p in measured.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_rerun_into_own_prediction_folder_and_small_image_warning(atto_ckpt, tmp_path, caplog):
+    """A prediction folder is reused (resume); an image smaller than a patch is predicted with a warning."""
+    from experiments.rosie_predict import main
+
+    save_png(tmp_path / "small.png", he_like(64, 80, blobs=1))
+    argv = ["--ckpt", str(atto_ckpt), "--he", str(tmp_path / "small.png"), "--out", str(tmp_path / "pred"),
+            "--device", "cpu", "--no-progress", "--foreground", "all"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert any("smaller than the model's 128-px patch" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "pred" / "metadata" / "dataset.json").read_text())["kind"] == "prediction"
+    assert main(argv) == 0  # its own prediction folder: skipped as complete, not refused
+
+
 # ------------------------------------------------------------------------------------------ core
 
 

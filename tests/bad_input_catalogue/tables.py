@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from datamodules import layout
 from datamodules.ingest import main as ingest_main
@@ -14,6 +15,7 @@ from datamodules.store import DatasetStore, StoreError
 from datamodules.store import main as store_main
 from experiments.cli import run_cli
 from experiments.rosie_train import main as rosie_train_main
+from experiments.virtues_pretrain import main as virtues_pretrain_main
 from experiments.virtues_tokens import main as tokens_main
 
 from . import Case, Ctx
@@ -104,6 +106,15 @@ def tissue_row_without_image(ctx: Ctx) -> None:
     RosieDataModule([str(root)], marker_names=markers, target_scale="none").setup("fit")
 
 
+def embedding_wrong_dimension_training(ctx: Ctx) -> int:
+    root = ctx.dataset_copy()
+    victim = sorted((root / "marker_embeddings").glob("*.pt"))[3]
+    torch.save(torch.randn(320), victim)
+    return run_cli(virtues_pretrain_main, ["fit", "--config", str(REPO / "experiments/configs/virtues/tiny.yaml"),
+                                           "--data.data_dirs", f"[{root}]", "--trainer.default_root_dir",
+                                           str(ctx.out / "run"), "--trainer.logger", "false"])
+
+
 def training_data_missing(ctx: Ctx) -> int:
     return train_rosie(ctx, ctx.tmp / "no_such_dataset")
 
@@ -149,6 +160,9 @@ CASES: list[Case] = [
          r"no tissue has split 'val'.*never used for validation.*limit_val_batches 0"),
     Case("tissue_row_without_image", "datamodule", "a tissue row with no image", "ingest its image or drop the row",
          tissue_row_without_image, r"ghost\.ome\.zarr: no (he|codex) image for tissue 'ghost'", kind="library", exception=StoreError),
+    Case("embedding_wrong_dimension_training", "training", "one marker embedding of another size in a dataset",
+         "recompute it with the same ESM-2 model", embedding_wrong_dimension_training,
+         r"marker_embeddings/\w+\.pt: embedding has 320 values but the other markers' have 640"),
     Case("training_data_missing", "training", "--data.data_dirs names a missing folder", "check the path",
          training_data_missing, r"no_such_dataset: dataset folder does not exist"),
     Case("info_missing_dataset", "store", "store info on a missing folder", "check the path", info_missing_dataset,
