@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from datamodules.dataset_lock import dataset_lock
+
 log = logging.getLogger(__name__)
 
 EPS = 1e-8
@@ -446,26 +448,6 @@ def compute_and_store_statistics(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     progress: bool = False,
 ) -> Any:
-    """See :func:`_compute_and_store_statistics`; runs under the dataset's write lock, so statistics
-    never miss a tissue that a concurrent ingest adds (each ingest recomputes them under the lock)."""
-    from datamodules.dataset_lock import dataset_lock
-
-    with dataset_lock(store_root):
-        return _compute_and_store_statistics(store_root, modality, mpp, force, q, reuse_upper_quantiles, stale_tissues,
-                                             block_rows, progress)
-
-
-def _compute_and_store_statistics(
-    store_root: str,
-    modality: str,
-    mpp: float,
-    force: bool = False,
-    q: float = 0.99,
-    reuse_upper_quantiles: bool = False,
-    stale_tissues: Iterable[str] = (),
-    block_rows: int = DEFAULT_BLOCK_ROWS,
-    progress: bool = False,
-) -> Any:
     """Compute per-image upper quantiles and dataset means/stds of `modality` at `mpp`; store them.
 
     Computed once and reused: when the store already has them and `force` is False they are just
@@ -477,72 +459,74 @@ def _compute_and_store_statistics(
     with a warning. Channels a tissue does not measure (``channels_per_tissue`` False) get NaN
     quantiles and do not contribute to the pooled statistics.
     """
-    import pandas as pd
+    # under the dataset's write lock: statistics never miss a tissue that a concurrent ingest adds
+    with dataset_lock(store_root):
+        import pandas as pd
 
-    from datamodules.store import DatasetStore, DatasetWriter, StoreError
+        from datamodules.store import DatasetStore, DatasetWriter, StoreError
 
-    store = DatasetStore(store_root)
-    existing = store.standardization(modality, mpp)
-    if existing is not None and not force:
-        return existing
-    if modality in HE_MODALITIES:
-        raise ValueError("standardization statistics are for multiplex modalities, not H&E (use HENormalize)")
-    channel_names = [str(c) for c in store.channels(modality)["channel_name"]]
-    name_to_idx = {n: i for i, n in enumerate(channel_names)}
-    per_tissue = store.channels_per_tissue(modality)
-    tissue_ids = store.image_ids(modality, mpp)
-    if not tissue_ids:
-        raise StoreError(f"{store.path(modality)}: no {modality} image at {mpp} µm/px to compute statistics from")
-    stale = set(stale_tissues)
-    old_uq = existing.upper_quantiles if (existing is not None and reuse_upper_quantiles) else None
+        store = DatasetStore(store_root)
+        existing = store.standardization(modality, mpp)
+        if existing is not None and not force:
+            return existing
+        if modality in HE_MODALITIES:
+            raise ValueError("standardization statistics are for multiplex modalities, not H&E (use HENormalize)")
+        channel_names = [str(c) for c in store.channels(modality)["channel_name"]]
+        name_to_idx = {n: i for i, n in enumerate(channel_names)}
+        per_tissue = store.channels_per_tissue(modality)
+        tissue_ids = store.image_ids(modality, mpp)
+        if not tissue_ids:
+            raise StoreError(f"{store.path(modality)}: no {modality} image at {mpp} µm/px to compute statistics from")
+        stale = set(stale_tissues)
+        old_uq = existing.upper_quantiles if (existing is not None and reuse_upper_quantiles) else None
 
-    uq_rows: dict[str, np.ndarray] = {}
-    plan: list[tuple[str, Any, np.ndarray | None, list[int], list[int]]] = []
-    iterator: Iterable[str] = tissue_ids
-    if progress:
-        from tqdm import tqdm
+        uq_rows: dict[str, np.ndarray] = {}
+        plan: list[tuple[str, Any, np.ndarray | None, list[int], list[int]]] = []
+        iterator: Iterable[str] = tissue_ids
+        if progress:
+            from tqdm import tqdm
 
-        iterator = tqdm(tissue_ids, desc=f"{modality} statistics", unit="tissue")
-    for tid in iterator:
-        img = store.image(modality, tid, mpp)
-        names = list(img.channel_names)
-        unknown = [n for n in names if n not in name_to_idx]
-        if unknown:
-            raise StoreError(f"{img.path}: channels {unknown} are not in {modality}/channels.parquet")
-        measured = [i for i, n in enumerate(names)
-                    if per_tissue is None or tid not in per_tissue.index or n not in per_tissue.columns
-                    or bool(per_tissue.loc[tid, n])]
-        mask = store.tissue_mask(tid, mpp)
-        if mask is None:
-            log.warning("%s: no tissue mask for %s; using an Otsu mask computed on the fly", store.name, tid)
-            mask = otsu_tissue_mask(img.read_all(), modality)
-        if not mask.any():
-            raise StoreError(f"{store.path(f'segmentations')}: tissue mask of {tid!r} is empty; fix the mask or drop the tissue")
-        row = np.full(len(channel_names), np.nan)
-        if old_uq is not None and tid in old_uq.index and tid not in stale and all(names[i] in old_uq.columns for i in measured):
-            vals = old_uq.loc[tid, [names[i] for i in measured]].to_numpy(np.float64)
-        else:
-            view = _ChannelView(img, measured)
-            c, h, w = view.shape
-            if c * h * w <= IN_MEMORY_ELEMENTS:  # np.quantile on the whole image: ~10x faster
-                vals = upper_quantiles(view.read(0, 0, h, w), mask, q=q)
+            iterator = tqdm(tissue_ids, desc=f"{modality} statistics", unit="tissue")
+        for tid in iterator:
+            img = store.image(modality, tid, mpp)
+            names = list(img.channel_names)
+            unknown = [n for n in names if n not in name_to_idx]
+            if unknown:
+                raise StoreError(f"{img.path}: channels {unknown} are not in {modality}/channels.parquet")
+            measured = [i for i, n in enumerate(names)
+                        if per_tissue is None or tid not in per_tissue.index or n not in per_tissue.columns
+                        or bool(per_tissue.loc[tid, n])]
+            mask = store.tissue_mask(tid, mpp)
+            if mask is None:
+                log.warning("%s: no tissue mask for %s; using an Otsu mask computed on the fly", store.name, tid)
+                mask = otsu_tissue_mask(img.read_all(), modality)
+            if not mask.any():
+                raise StoreError(f"{store.path(f'segmentations')}: tissue mask of {tid!r} is empty; fix the mask or drop the tissue")
+            row = np.full(len(channel_names), np.nan)
+            if old_uq is not None and tid in old_uq.index and tid not in stale and all(names[i] in old_uq.columns for i in measured):
+                vals = old_uq.loc[tid, [names[i] for i in measured]].to_numpy(np.float64)
             else:
-                vals = upper_quantiles_streaming(view, mask, q=q, block_rows=block_rows)
-        for i, v in zip(measured, vals):
-            row[name_to_idx[names[i]]] = v
-        uq_rows[tid] = row
-        plan.append((tid, img, mask, measured, [name_to_idx[names[i]] for i in measured]))
+                view = _ChannelView(img, measured)
+                c, h, w = view.shape
+                if c * h * w <= IN_MEMORY_ELEMENTS:  # np.quantile on the whole image: ~10x faster
+                    vals = upper_quantiles(view.read(0, 0, h, w), mask, q=q)
+                else:
+                    vals = upper_quantiles_streaming(view, mask, q=q, block_rows=block_rows)
+            for i, v in zip(measured, vals):
+                row[name_to_idx[names[i]]] = v
+            uq_rows[tid] = row
+            plan.append((tid, img, mask, measured, [name_to_idx[names[i]] for i in measured]))
 
-    def items() -> Iterator[tuple]:
-        for tid, img, mask, measured, dataset_idx in plan:
-            yield _ChannelView(img, measured), mask, uq_rows[tid][dataset_idx], dataset_idx
+        def items() -> Iterator[tuple]:
+            for tid, img, mask, measured, dataset_idx in plan:
+                yield _ChannelView(img, measured), mask, uq_rows[tid][dataset_idx], dataset_idx
 
-    means, stds = dataset_mean_std(items(), n_channels=len(channel_names), block_rows=block_rows)
-    uq_df = pd.DataFrame.from_dict(uq_rows, orient="index", columns=channel_names)
-    uq_df.index.name = "tissue_id"
-    writer = DatasetWriter.open(store_root, create=False)
-    writer.write_standardization(modality, mpp, uq_df, pd.Series(means, index=channel_names), pd.Series(stds, index=channel_names))
-    return DatasetStore(store_root).standardization(modality, mpp)
+        means, stds = dataset_mean_std(items(), n_channels=len(channel_names), block_rows=block_rows)
+        uq_df = pd.DataFrame.from_dict(uq_rows, orient="index", columns=channel_names)
+        uq_df.index.name = "tissue_id"
+        writer = DatasetWriter.open(store_root, create=False)
+        writer.write_standardization(modality, mpp, uq_df, pd.Series(means, index=channel_names), pd.Series(stds, index=channel_names))
+        return DatasetStore(store_root).standardization(modality, mpp)
 
 
 class _ChannelView:
