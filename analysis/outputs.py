@@ -19,11 +19,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 OUTPUT_MARKER = ".virtuplex-output.json"
 #: Suffixes that say "a file", never an output folder.
 FILE_SUFFIXES = re.compile(
     r"\.(ome\.tiff?|tiff?|png|jpe?g|csv|tsv|h5ad|parquet|json|npz|npy|ckpt|pt|pth|safetensors|svs|ndpi|zip|txt|md)$",
     re.IGNORECASE)
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays and paths; non-finite floats become null."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class OutputPathError(ValueError):

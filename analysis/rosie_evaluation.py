@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.outputs import json_default
 from analysis.rosie_metrics import METRIC_COLUMNS, SamplePatches, evaluate_samples
 
 log = logging.getLogger(__name__)
@@ -270,20 +271,10 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def _write_json(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
     tmp.replace(path)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

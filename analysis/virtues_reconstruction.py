@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.virtues.masking import independent_mask, niche_mask
-from analysis.outputs import atomic_output_dir
+from analysis.outputs import atomic_output_dir, json_default
 
 log = logging.getLogger(__name__)
 
@@ -659,14 +659,6 @@ def summarise_per_dataset(per_marker: pd.DataFrame) -> pd.DataFrame:
 
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if not math.isfinite(float(o)) else float(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def write_outputs(result: ReconstructionResult, out_dir: str | Path, skipped: pd.DataFrame | None = None,
@@ -689,7 +681,7 @@ def write_outputs(result: ReconstructionResult, out_dir: str | Path, skipped: pd
         doc = (__doc__ or "").split("Every choice below", 1)[-1]
         payload = {"settings": result.settings, "info": dict(info or {}), "figures": figs,
                    "n_skipped_markers": int(len(skipped)), "choices": doc.strip()}
-        (tmp / "evaluation.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+        (tmp / "evaluation.json").write_text(json.dumps(payload, indent=2, default=json_default))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,15 +112,43 @@ def _raise_on_messages(messages: list[logging.LogRecord], path: Path, tif: Any) 
     raise DamagedImageError(f"{path}: the TIFF is damaged or truncated ({detail}); {RECOPY}")
 
 
-def _ome_plane_count(tif: Any) -> str | None:
-    """'the header declares N planes (C×Z×T), the file stores M' from the OME-XML, when it says."""
-    import xml.etree.ElementTree as ET
-
+def ome_pixels(ome_xml: str | None):  # type: ignore[no-untyped-def]
+    """The `Pixels` element of the first OME Image, or None (no/invalid OME-XML)."""
+    if not ome_xml:
+        return None
     try:
-        root = ET.fromstring(tif.ome_metadata or "")
+        root = ET.fromstring(ome_xml)
     except ET.ParseError:
         return None
-    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    return next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+
+
+def ome_channel_names(ome_xml: str | None) -> list[str] | None:
+    """Channel Name attributes of the first OME Image, or None when any is absent."""
+    pixels = ome_pixels(ome_xml)
+    if pixels is None:
+        return None
+    channels = [el for el in pixels if el.tag.endswith("}Channel") or el.tag == "Channel"]
+    names = [el.get("Name") for el in channels]
+    if not names or any(n is None for n in names):
+        return None
+    return [str(n) for n in names]
+
+
+def ome_mpp(ome_xml: str | None) -> float | None:
+    """PhysicalSizeX of the first OME Image in µm (None when absent, non-positive or in an unknown unit)."""
+    pixels = ome_pixels(ome_xml)
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    size = float(pixels.get("PhysicalSizeX"))
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
+    return None if factor is None or size <= 0 else size * factor
+
+
+def _ome_plane_count(tif: Any) -> str | None:
+    """'the header declares N planes (C×Z×T), the file stores M' from the OME-XML, when it says."""
+    pixels = ome_pixels(tif.ome_metadata)
     if pixels is None:
         return None
     sizes = [int(pixels.get(k, 1)) for k in ("SizeC", "SizeZ", "SizeT")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ import pandas as pd
 import tifffile
 
 from datamodules import layout
-from datamodules.image_files import (RECOPY, DamagedImageError, ImageMetadataError, open_tiff, raster_properties,
-                                     read_mask_file, read_raster)
+from datamodules.image_files import (RECOPY, DamagedImageError, ImageMetadataError, ome_channel_names, ome_mpp,
+                                     open_tiff, raster_properties, read_mask_file, read_raster)
 from datamodules.store import StoreError, instance_ids
 from datamodules.user_tables import TableError, parse_bool, read_user_table
 
@@ -71,39 +70,6 @@ def check_size(path: str | Path, shape: Sequence[int], dtype: Any, what: str = "
 
 
 
-def _ome_pixels(ome_xml: str | None):  # type: ignore[no-untyped-def]
-    """The `Pixels` element of the first OME Image, or None (no/invalid OME-XML)."""
-    if not ome_xml:
-        return None
-    try:
-        root = ET.fromstring(ome_xml)
-    except ET.ParseError:
-        return None
-    return next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
-
-
-def _ome_channel_names(ome_xml: str | None) -> list[str] | None:
-    """Channel Name attributes of the first OME Image, or None when any is absent."""
-    pixels = _ome_pixels(ome_xml)
-    if pixels is None:
-        return None
-    channels = [el for el in pixels if el.tag.endswith("}Channel") or el.tag == "Channel"]
-    names = [el.get("Name") for el in channels]
-    if not names or any(n is None for n in names):
-        return None
-    return [str(n) for n in names]
-
-
-def _ome_mpp(ome_xml: str | None) -> float | None:
-    pixels = _ome_pixels(ome_xml)
-    if pixels is None or pixels.get("PhysicalSizeX") is None:
-        return None
-    size = float(pixels.get("PhysicalSizeX"))
-    unit = pixels.get("PhysicalSizeXUnit", "µm")
-    factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
-    return None if factor is None or size <= 0 else size * factor
-
-
 def read_tiff(path: Path) -> LoadedImage:
     """Full-resolution level of the first series, its axes, OME/ImageJ channel names and pixel size."""
     with open_tiff(path, check_size=lambda shape, dtype: check_size(path, shape, dtype)) as tif:
@@ -114,11 +80,11 @@ def read_tiff(path: Path) -> LoadedImage:
             array = level.asarray()
         except (tifffile.TiffFileError, OSError, ValueError, RuntimeError) as exc:  # codec errors of damaged strips
             raise DamagedImageError(f"{path}: the TIFF's pixel data cannot be decoded ({exc}); {RECOPY}") from None
-        names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
+        names = ome_channel_names(tif.ome_metadata) if tif.is_ome else None
         if names is None and tif.is_imagej:
             labels = (tif.imagej_metadata or {}).get("Labels")
             names = [str(n) for n in labels] if isinstance(labels, list) else None
-        mpp = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
+        mpp = ome_mpp(tif.ome_metadata) if tif.is_ome else None
     if names is not None and axes and "C" in axes and array.shape[axes.index("C")] != len(names):
         raise ImageMetadataError(f"{path}: its OME-XML names {len(names)} channels but the file stores "
                                  f"{array.shape[axes.index('C')]} planes; re-export it so the header matches the pixels")

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from datamodules.dataset_lock import dataset_lock
+from lightning_modules.components.rosie_backbone import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ DEFAULT_BLOCK_ROWS = 1024
 IN_MEMORY_ELEMENTS = 1 << 27
 
 #: ROSIE normalises H&E with the ImageNet statistics of its pretrained ConvNeXt.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ============================================================================================

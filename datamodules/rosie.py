@@ -24,11 +24,10 @@ from datamodules.markers import ROSIE_PANEL, match_markers
 from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
 from datamodules.sampling import StoreCache, block_means, no_validation_split, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
+from lightning_modules.components.rosie_backbone import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_he(patches: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def _join(*parts: str) -> str:
 class ImageArray:
     """A lazily opened OME-Zarr image: metadata at open, pixels only on `read`."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, mpp: float, zarr_store: Any | None = None):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, mpp: float, opened_store: Any | None = None):
         import zarr
 
         self.fs = fs
@@ -112,7 +112,7 @@ class ImageArray:
         self.mpp = mpp
         if not fs.exists(_join(path, "zarr.json")):
             raise StoreError(f"{path}: not an OME-Zarr v3 image (no zarr.json)")
-        store = zarr_store if zarr_store is not None else _zarr_store(fs, path, read_only=True)
+        store = opened_store if opened_store is not None else zarr_store(fs, path, read_only=True)
         try:
             group = zarr.open_group(store=store, mode="r")
             self._array = group["0"]
@@ -197,7 +197,7 @@ class ImageArray:
         return self.read(0, 0, h, w)
 
 
-def _zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool) -> Any:
+def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool) -> Any:
     import zarr
 
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -496,7 +496,7 @@ class DatasetStore:
 # ============================================================================================
 
 
-def _omero_attrs(name: str, channel_names: Sequence[str], mpp: float) -> dict:
+def omero_attrs(name: str, channel_names: Sequence[str], mpp: float) -> dict:
     palette = ["FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FFFFFF"]
     return {
         "ome": {
@@ -537,9 +537,9 @@ def write_ome_zarr(fs: fsspec.AbstractFileSystem, path: str, image: np.ndarray, 
     if len(channel_names) != image.shape[0]:
         raise ValueError(f"{path}: {image.shape[0]} channels but {len(channel_names)} channel names")
     c, h, w = image.shape
-    store = _zarr_store(fs, path, read_only=False)
+    store = zarr_store(fs, path, read_only=False)
     group = zarr.open_group(store=store, mode="w", zarr_format=3)
-    group.attrs.update(_omero_attrs(name or path.rstrip("/").split("/")[-1].replace(".ome.zarr", ""), channel_names, mpp))
+    group.attrs.update(omero_attrs(name or path.rstrip("/").split("/")[-1].replace(".ome.zarr", ""), channel_names, mpp))
     shard = (c, min(SHARD_YX, _round_up(h, CHUNK_YX)), min(SHARD_YX, _round_up(w, CHUNK_YX)))
     chunk = (c, min(CHUNK_YX, shard[1]), min(CHUNK_YX, shard[2]))
     arr = group.create_array(

@@ -61,7 +61,6 @@ import os
 import tempfile
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,10 +71,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from analysis.outputs import json_default
 from datamodules import layout
-from datamodules.image_files import RASTER_SUFFIXES, DamagedImageError, check_regular_file, open_tiff, raster_properties, read_raster
+from datamodules.image_files import (RASTER_SUFFIXES, DamagedImageError, check_regular_file, ome_mpp, open_tiff,
+                                     raster_properties, read_raster)
 from datamodules.markers import ROSIE_PANEL
-from datamodules.rosie import IMAGENET_MEAN, IMAGENET_STD
+from lightning_modules.components.rosie_backbone import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.sampling import read_padded
 from datamodules.provenance import PREDICTION, check_dataset_target
 from datamodules.store import DatasetStore, DatasetWriter, StoreError
@@ -162,23 +163,6 @@ def check_he(shape: Sequence[int], channels: int, dtype: np.dtype, name: str) ->
         )
 
 
-def _ome_mpp(tif: Any) -> float | None:
-    """PhysicalSizeX of an OME-TIFF in µm, if stated."""
-    xml = getattr(tif, "ome_metadata", None)
-    if not xml:
-        return None
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    for el in root.iter():
-        if el.tag.endswith("Pixels") and el.get("PhysicalSizeX"):
-            value = float(el.get("PhysicalSizeX"))
-            unit = el.get("PhysicalSizeXUnit", "µm")
-            return value * {"nm": 1e-3, "mm": 1e3, "µm": 1.0, "um": 1.0}.get(unit, 1.0)
-    return None
-
-
 def open_he_image(path: str | os.PathLike) -> tuple[ArrayHE, float | None]:
     """Open an H&E image file lazily; returns the image and its µm/px when the file states it.
 
@@ -217,7 +201,7 @@ def _open_tiff(path: Path) -> tuple[ArrayHE, float | None]:
             raise HEInputError(f"{path}: TIFF has extra dimensions {extra} (axes {series.axes!r}); save a single RGB plane")
         check_he(shape, channels, dtype, str(path))
         array = zarr.open(series.aszarr(level=0), mode="r")
-        mpp = _ome_mpp(tif)
+        mpp = ome_mpp(tif.ome_metadata) if tif.is_ome else None
     except BaseException:
         tif.close()
         raise
@@ -784,8 +768,8 @@ class PredictOptions:
     qc_max_rows: int = 200_000
 
 
-def _omero_attrs(name: str, channel_names: Sequence[str], mpp: float) -> dict:
-    from datamodules.store import _omero_attrs as attrs  # the store's OME-NGFF metadata, one definition
+def omero_attrs(name: str, channel_names: Sequence[str], mpp: float) -> dict:
+    from datamodules.store import omero_attrs as attrs  # the store's OME-NGFF metadata, one definition
 
     return attrs(name, channel_names, mpp)
 
@@ -801,11 +785,11 @@ def _create_zarr_image(fs: Any, path: str, shape: tuple[int, int, int], mpp: flo
     import zarr
     from zarr.codecs import BloscCodec
 
-    from datamodules.store import _zarr_store
+    from datamodules.store import zarr_store
 
     m, h, w = shape
-    group = zarr.open_group(store=_zarr_store(fs, path, read_only=False), mode="w", zarr_format=3)
-    group.attrs.update(_omero_attrs(name, channel_names, mpp))
+    group = zarr.open_group(store=zarr_store(fs, path, read_only=False), mode="w", zarr_format=3)
+    group.attrs.update(omero_attrs(name, channel_names, mpp))
     return group.create_array(
         "0", shape=shape, dtype="float32", chunks=(m, min(CHUNK, h), min(CHUNK, w)),
         compressors=BloscCodec(typesize=4, cname="lz4", clevel=3, shuffle="bitshuffle"),
@@ -864,7 +848,7 @@ def record_path(tissue_id: str) -> str:
 def _write_record(writer: DatasetWriter, tissue_id: str, entry: dict, per_marker: pd.DataFrame, tissue_row: dict) -> None:
     """The tissue's completion record (QC entry, per-marker QC rows, tissues-table row), written atomically."""
     record = {"entry": entry, "per_marker": per_marker.to_dict(orient="list"), "tissue_row": tissue_row}
-    writer.write_bytes(record_path(tissue_id), json.dumps(record, indent=1, default=_json_default).encode())
+    writer.write_bytes(record_path(tissue_id), json.dumps(record, indent=1, default=json_default).encode())
 
 
 def read_record(out: str | os.PathLike, tissue_id: str) -> dict | None:
@@ -938,17 +922,11 @@ def _merge_records(writer: DatasetWriter, out: str | os.PathLike, tissue_ids: Se
     per_marker = pd.concat([pd.DataFrame(r["per_marker"]) for r in records.values()], ignore_index=True)
     table = per_marker if table is None else pd.concat([table, per_marker], ignore_index=True)
     writer.append_tissues(pd.DataFrame([r["tissue_row"] for r in records.values()]), replace=True)
-    writer.write_bytes("qc.json", json.dumps(qc, indent=1, default=_json_default).encode())
+    writer.write_bytes("qc.json", json.dumps(qc, indent=1, default=json_default).encode())
     writer.write_bytes("qc.csv", table.to_csv(index=False).encode())
     return len(records)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -1022,10 +1000,10 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
 
     import zarr
 
-    from datamodules.store import _zarr_store
+    from datamodules.store import zarr_store
 
     def open_image(rel: str) -> Any:
-        return zarr.open_group(store=_zarr_store(writer.fs, f"{writer.root}/{rel}", read_only=True), mode="r")["0"]
+        return zarr.open_group(store=zarr_store(writer.fs, f"{writer.root}/{rel}", read_only=True), mode="r")["0"]
 
     final_rel = grid_rel
     if opt.blend:

@@ -98,3 +98,93 @@ def test_checker_catches_upward_imports():
         "from analysis.rosie_metrics import evaluate_samples\n"
     )
     assert [m for _, m in imported_modules(ok, comp) if is_forbidden(m)] == []
+
+
+# ---- seams: no private names across modules, no import circles ----------------------------------------
+
+PACKAGES = ("analysis", "callbacks", "datamodules", "experiments", "lightning_modules", "benchmarks")
+
+
+def project_files() -> list[Path]:
+    return sorted(p for d in PACKAGES for p in (REPO / d).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from other.module import _name``: a module reaching into another's private names."""
+    own = module_name(path)
+    out = []
+    for line, module in imported_modules(path.read_text(), path):
+        head, _, name = module.rpartition(".")
+        if not head or head.split(".")[0] not in PACKAGES or head == own:
+            continue
+        if name.startswith("_") and not name.startswith("__"):
+            out.append(f"{path.relative_to(REPO)}:{line}: imports {name} from {head}")
+    return out
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    found = [v for p in project_files() for v in private_imports(p)]
+    assert not found, "make the seam public or move the code:\n" + "\n".join(found)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> project modules it imports (any import statement, lazy ones included)."""
+    files = {module_name(p): p for p in project_files()}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        for _, imported in imported_modules(path.read_text(), path):
+            target = imported
+            while target and target not in files:  # `from pkg.mod import name` -> pkg.mod
+                target = target.rpartition(".")[0]
+            if target and target != mod and not mod.startswith(target + "."):
+                graph[mod].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_planted_circle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_private_import_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    path = REPO / "experiments" / "virtues_tokens.py"
+    src = "def f():\n    from experiments.virtues_reconstruct import _uid\nfrom .commands import _hidden\n"
+    found = [m for _, m in imported_modules(src, path)]
+    assert "experiments.virtues_reconstruct._uid" in found and "experiments.commands._hidden" in found
+
+
+def test_no_module_over_500_lines() -> None:
+    long = [f"{p.relative_to(REPO)}: {n}" for p in project_files() if (n := len(p.read_text().splitlines())) > 520]
+    assert not long, "split these modules by job:\n" + "\n".join(long)
