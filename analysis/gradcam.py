@@ -5,18 +5,26 @@ are averaged over space to weight the channels; the weighted sum of activations,
 ReLU, is upsampled to the input size.  For a ConvNeXt the hooked layer is the last stage (timm
 ``stages[-1]``, torchvision ``features[-1]``); any other model can pass ``target_layer``.
 
+:func:`gradcam_figure` is the evaluation's figure: uint8 H&E patches in, the model's input built by
+the caller's ``prepare`` function, markers named by the caller's alias mapping (so this module
+needs no marker table).
+
 torch + matplotlib only; no Lightning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def find_last_stage(model: nn.Module) -> nn.Module:
@@ -131,3 +139,24 @@ def plot_gradcam(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def gradcam_figure(model: nn.Module, prepare: Callable[[Any], Any], model_markers: Sequence[str], markers: Sequence[str],
+                   patches_uint8: np.ndarray, path: Path, mapping: Mapping[str, str]) -> Path | None:
+    """Grad-CAM of ``model`` (input = ``prepare(uint8 patches)``) for the requested markers.
+
+    ``mapping`` takes each requested marker to its name among ``model_markers`` (aliases resolved by
+    the caller with :func:`datamodules.markers.match_markers`; requested markers left out of it are
+    reported and skipped). None (logged) when no requested marker is predicted or there is no patch.
+    """
+    missing = [m for m in markers if m not in mapping]
+    if missing:
+        log.warning("Grad-CAM: markers %s are not among the model's outputs; skipped", missing)
+    if not mapping or len(patches_uint8) == 0:
+        log.warning("Grad-CAM figure skipped: %s", "no requested marker is predicted by the model" if not mapping else "no patch")
+        return None
+    names = list(mapping)
+    idx = [list(model_markers).index(mapping[m]) for m in names]
+    x = prepare(torch.from_numpy(np.ascontiguousarray(patches_uint8)))
+    heat = gradcam(model, x, idx)
+    return plot_gradcam(patches_uint8, heat, names, path)

@@ -17,6 +17,11 @@ training statistics.  A three-hidden-layer MLP (100 units, ReLU each, linear rea
 markers), Adam lr 1e-4, MSE over present markers, 50 epochs, keeping the weights with the best
 validation loss (the paper says "best validation accuracy"; for regression we use MSE).
 
+Both baselines are scored on exactly the evaluation's patches: :func:`he_expression_predictions`
+and :func:`cell_morphology_predictions` take what :mod:`datamodules.rosie_evaluation_data` read
+(:class:`~analysis.rosie_evaluation.TissuePatches`, :class:`MorphologyData`) and return per-block
+predictions for the metric tables of :mod:`analysis.rosie_evaluation`.
+
 Plain numpy/skimage/torch; no Lightning.
 """
 
@@ -31,7 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.rosie_metrics import _to_hwc
+from analysis.rosie_evaluation import TissuePatches
+from analysis.rosie_metrics import rgb_channels_last
+from analysis.rosie_training_metrics import masked_mse
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def he_intensity_at(
     he_image: np.ndarray, origins: np.ndarray, patch: int = 8, threshold: float = 50.0, invert: bool = False
 ) -> np.ndarray:
     """(N,) mean RGB-averaged intensity of pixels > ``threshold`` in each ``patch`` window."""
-    hwc = _to_hwc(he_image).astype(np.float64)
+    hwc = rgb_channels_last(he_image).astype(np.float64)
     inten = hwc.mean(-1)
     rows, cols = _window_index(origins, patch, inten.shape)
     px = inten[rows, cols]
@@ -118,7 +125,7 @@ def cell_features(cell_mask: np.ndarray, he_image: np.ndarray | None = None) -> 
         raise ValueError(f"cell_mask: expected a 2-D integer instance mask, got {mask.dtype} {mask.shape}")
     hwc = None
     if he_image is not None:
-        hwc = _to_hwc(he_image)
+        hwc = rgb_channels_last(he_image)
         if hwc.shape[:2] != mask.shape:
             raise ValueError(f"he_image {hwc.shape[:2]} and cell_mask {mask.shape} must have the same (H, W)")
     props = regionprops(mask, intensity_image=hwc)
@@ -186,11 +193,6 @@ class MorphologyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def _masked_mse(pred: torch.Tensor, y: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    diff = torch.where(present, pred - y, torch.zeros_like(pred))
-    return diff.pow(2).sum() / present.sum().clamp(min=1)
 
 
 @dataclass
@@ -266,13 +268,13 @@ class MorphologyBaseline:
             perm = torch.randperm(len(xt), generator=gen)
             for s in range(0, len(xt), self.batch_size):
                 idx = perm[s : s + self.batch_size]
-                loss = _masked_mse(self.model(xt[idx]), yt[idx], pt[idx])
+                loss = masked_mse(self.model(xt[idx]), yt[idx], pt[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             self.model.eval()
             with torch.no_grad():
-                val = float(_masked_mse(self.model(xv), yv, pv))
+                val = float(masked_mse(self.model(xv), yv, pv))
             self.history.append({"epoch": epoch, "val_mse": val})
             if val < best:
                 best, best_state = val, copy.deepcopy(self.model.state_dict())
@@ -293,3 +295,54 @@ def morphology_baseline_features(
 ) -> np.ndarray:
     """Stack patch features of several samples given as (cell_mask, he_image, origins)."""
     return np.concatenate([patch_morphology_features(m, he, o, patch) for m, he, o in samples])
+
+
+# ----------------------------------------------------------------------------- on the evaluation's patches
+
+
+def he_expression_predictions(he: np.ndarray, tp: TissuePatches) -> np.ndarray:
+    """(N, M) H&E expression baseline on ``tp``'s blocks; ``he`` is the truth H&E (3, H, W) at the truth resolution."""
+    return he_expression_baseline(he, tp.origins, tp.truth.shape[1], patch=tp.stride).astype(np.float32)
+
+
+@dataclass
+class MorphologyData:
+    """Everything the cell-morphology baseline needs, already read from the truth dataset.
+
+    ``train``/``val`` are (features (N, F), targets (N, M), presence (N, M)) of the in-tissue blocks
+    of the truth dataset's ``train``/``val`` tissues (``val`` None without usable val tissues);
+    ``features`` maps each evaluated tissue id to the (N, F) features of its ``TissuePatches`` rows.
+    ``n_train_tissues`` is the number of ``train`` tissues in the tissues table (for the log).
+    """
+
+    train: tuple[np.ndarray, np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    features: dict[str, np.ndarray]
+    n_train_tissues: int
+
+
+def cell_morphology_predictions(data: MorphologyData, epochs: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    """Train the morphology MLP on ``data.train`` (validated on ``data.val``); predict the evaluated tissues.
+
+    Returns {tissue_id: (N, M) predictions}. Targets are z-scored per marker with the training
+    statistics (MSE would otherwise be dominated by bright markers) and mapped back. Whether the
+    baseline can run at all (cell masks, H&E, a ``split`` column) is decided where the data is
+    read, :func:`datamodules.rosie_evaluation_data.cell_morphology_inputs`.
+    """
+    val = data.val
+    x, y, p = data.train
+    y = np.where(p, y, np.nan).astype(np.float64)
+    mu = np.nanmean(y, 0)
+    sd = np.nanstd(y, 0)
+    mu, sd = np.nan_to_num(mu), np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+    model = MorphologyBaseline(num_markers=y.shape[1], epochs=epochs, seed=seed)
+    kwargs = {}
+    if val is not None:
+        kwargs = {"x_val": val[0], "y_val": (np.where(val[2], val[1], np.nan) - mu) / sd, "present_val": val[2]}
+    log.info("cell_morphology: training on %d patches of %d train tissues (%s validation patches), %d epochs",
+             len(x), data.n_train_tissues, len(val[0]) if val is not None else "no val tissue: train", epochs)
+    model.fit(x, (y - mu) / sd, p, **kwargs)
+    out = {}
+    for tissue_id, feats in data.features.items():
+        out[tissue_id] = (model.predict(feats) * sd + mu).astype(np.float32)
+    return out

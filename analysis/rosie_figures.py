@@ -1,5 +1,10 @@
 """Figures of the ROSIE paper: per-marker Pearson R bars (Fig. 2B) and predicted-vs-measured
-panels for the samples at the 99th/75th/50th/25th percentile of Pearson R (Fig. 2A).
+panels for the samples at the 99th/75th/50th/25th percentile of Pearson R (Fig. 2A), plus the
+evaluation's comparison of methods per marker (:func:`plot_per_marker_methods`).
+
+The images of the predicted-vs-measured figure come from a :data:`SampleLoader` given by the caller
+(:func:`datamodules.rosie_evaluation_data.percentile_loader` reads them from datasets), so only
+the few samples picked are ever read. The Grad-CAM figure is in :mod:`analysis.gradcam`.
 
 matplotlib with the Agg backend; images are written to a temporary name and renamed when complete.
 """
@@ -7,14 +12,20 @@ matplotlib with the Agg backend; images are written to a temporary name and rena
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis.rosie_evaluation import METHODS
+
 log = logging.getLogger(__name__)
+
+#: ``load(sample_id) -> (he (3,h,w), truth (M,h',w'), pred (M,h',w'))`` display-sized images for one sample.
+SampleLoader = Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 #: The paper's two display panels (Fig. 2A).
 STRUCTURAL_PANEL: tuple[str, ...] = ("Keratin8/18", "EpCAM", "Vimentin", "ECad", "aSMA", "CD31", "PanCK")
@@ -178,7 +189,7 @@ def plot_predicted_vs_measured(
 
 def plot_percentile_samples(
     per_sample: pd.DataFrame,
-    load_sample,
+    load_sample: SampleLoader,
     marker_names: Sequence[str],
     path: str | Path,
     percentiles: Sequence[float] = (99, 75, 50, 25),
@@ -191,3 +202,49 @@ def plot_percentile_samples(
         he, truth, pred = load_sample(sid)
         panels.append(SamplePanel(sid, he, truth, pred, float(scores[sid]), label=f"p{q:g} {sid}"))
     return plot_predicted_vs_measured(panels, marker_names, path)
+
+
+def display_factor(shape: Sequence[int], max_px: int = 768) -> int:
+    """Downsampling step that brings an image's longest side to at most ``max_px`` for display."""
+    return max(1, math.ceil(max(shape) / max_px))
+
+
+def plot_rosie_percentile_samples(per_sample: pd.DataFrame, marker_names: Sequence[str], load: SampleLoader,
+                                  path: Path) -> Path | None:
+    """Predicted vs measured for the tissues at ROSIE's per-sample Pearson R percentiles.
+
+    ``per_sample`` is the evaluation's table (columns ``method``, ``tissue_id``, ``pearson_r``);
+    only its ``rosie`` rows rank the tissues. ``load`` gives the display-sized images of one tissue
+    (read by the caller, e.g. :func:`datamodules.rosie_evaluation_data.percentile_loader`); it is
+    called only for the tissues picked, so whole images are never all held at once. None (logged)
+    when ROSIE has no per-sample Pearson R.
+    """
+    rows = per_sample[per_sample["method"] == "rosie"]
+    if rows.empty or not rows["pearson_r"].notna().any():
+        log.info("predicted-vs-measured figure skipped: no ROSIE per-sample Pearson R")
+        return None
+    return plot_percentile_samples(rows.rename(columns={"tissue_id": "sample_id"}), load, list(marker_names), path)
+
+
+def plot_per_marker_methods(per_marker: pd.DataFrame, path: Path, order_by: str = "rosie") -> Path:
+    """Grouped bars: Pearson R per marker (sorted by ``order_by``'s R), one colour per method."""
+    plt = _plt()
+    wide = per_marker.pivot_table(index="marker", columns="method", values="pearson_r", aggfunc="first", dropna=False)
+    methods = [m for m in METHODS if m in wide.columns] + [m for m in wide.columns if m not in METHODS]
+    key = order_by if order_by in wide.columns else methods[0]
+    wide = wide.loc[wide[key].sort_values(ascending=False, na_position="last").index, methods]
+    n, k = len(wide), len(methods)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * n * max(1, k) / 2 + 2), 3.4))
+    width = 0.8 / k
+    x = np.arange(n)
+    for i, m in enumerate(methods):
+        vals = wide[m].to_numpy(dtype=float)
+        ax.bar(x + (i - (k - 1) / 2) * width, np.nan_to_num(vals), width, label=f"{m} (mean {np.nanmean(vals):.3f})"
+               if np.isfinite(vals).any() else m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(wide.index, rotation=90, fontsize=7)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("Pearson R (mean over samples)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("Pearson R per marker")
+    return _save(fig, path)

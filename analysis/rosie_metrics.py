@@ -338,8 +338,12 @@ def dynamic_range(pred_image: np.ndarray, mask: np.ndarray | None = None) -> np.
     return p99 - p1
 
 
-def _to_hwc(he_image: np.ndarray) -> np.ndarray:
-    """Accept (3,H,W) (project convention c,y,x) or (H,W,3)."""
+def rgb_channels_last(he_image: np.ndarray) -> np.ndarray:
+    """An RGB image as (H,W,3), given (3,H,W) (the project's c,y,x convention) or already (H,W,3).
+
+    Public because the H&E histograms here and the baselines (:mod:`analysis.rosie_baselines`)
+    accept both layouts and must agree on how they are told apart.
+    """
     a = np.asarray(he_image)
     if a.ndim != 3:
         raise ValueError(f"he_image: expected (3,H,W) or (H,W,3), got {a.shape}")
@@ -355,7 +359,7 @@ def he_histograms(he_image: np.ndarray, mask: np.ndarray | None = None) -> np.nd
 
     ``mask`` (H,W) restricts to tissue; the paper does not say whether it masked, so it is optional.
     """
-    hwc = _to_hwc(he_image)
+    hwc = rgb_channels_last(he_image)
     if hwc.dtype != np.uint8:
         raise ValueError(f"he_image must be uint8 (0-255), got {hwc.dtype}; convert with skimage.util.img_as_ubyte")
     px = hwc.reshape(-1, 3)

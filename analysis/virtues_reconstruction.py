@@ -46,13 +46,10 @@ Every choice below is also written to ``evaluation.json`` by :func:`write_output
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,138 +58,24 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.virtues.masking import independent_mask, niche_mask
 from analysis.outputs import atomic_output_dir, json_default
+from analysis.virtues_reconstruction_baselines import (PartnerFit, PixelStats, fit_most_correlated, partner_prediction,
+                                                       pearson_f1, visible_mean_prediction)
+from analysis.virtues_reconstruction_data import (METHODS, PER_MARKER_COLUMNS, RATIO_RANGE, SEEN_SUMMARY_COLUMNS,
+                                                  SKIPPED_COLUMNS, STRATEGIES, STRATEGY_CODE, SUMMARY_COLUMNS, EvalCrop, MarkerVocabulary,
+                                                  ReconstructionError, ReconstructionResult, build_marker_vocabulary,
+                                                  pixel_mask)
+from analysis.virtues_reconstruction_figures import plot_all
+from analysis.virtues_reconstruction_outputs import summarise, summarise_per_dataset, summarise_seen
+from lightning_modules.components.virtues.masking import independent_mask, niche_mask
+
+__all__ = ["METHODS", "PER_MARKER_COLUMNS", "SEEN_SUMMARY_COLUMNS", "SKIPPED_COLUMNS", "STRATEGIES", "SUMMARY_COLUMNS",
+           "EvalCrop", "MarkerVocabulary", "PartnerFit", "PixelStats", "ReconstructionError", "ReconstructionResult",
+           "build_marker_vocabulary", "crop_generator", "evaluate_reconstruction", "fit_most_correlated", "pearson_f1",
+           "pixel_mask", "strategy_masks", "subsample_per_dataset", "summarise", "summarise_per_dataset", "summarise_seen",
+           "supports_channel_decoding", "visible_mean_prediction", "write_outputs"]
 
 log = logging.getLogger(__name__)
-
-STRATEGIES: tuple[str, ...] = ("independent", "marker", "niche")
-#: strategy -> methods scored under it (VirTues first, then the paper's baseline for it).
-METHODS: dict[str, tuple[str, ...]] = {
-    "independent": ("virtues", "visible_mean"),
-    "marker": ("virtues", "most_correlated"),
-    "niche": ("virtues", "visible_mean"),
-}
-PER_MARKER_COLUMNS = ["dataset", "strategy", "method", "marker", "uniprot_id", "seen", "pearson_r", "f1", "n_pixels"]
-SUMMARY_COLUMNS = ["strategy", "method", "pearson_r", "f1"]
-SEEN_SUMMARY_COLUMNS = ["strategy", "method", "seen", "pearson_r", "f1", "n_markers"]
-SKIPPED_COLUMNS = ["dataset", "marker", "uniprot_id", "reason"]
-RATIO_RANGE = (0.6, 1.0)
-_STRATEGY_CODE = {s: i + 1 for i, s in enumerate(STRATEGIES)}
-
-
-class ReconstructionError(ValueError):
-    """Bad evaluation input; the message names the argument/marker and the fix."""
-
-
-@dataclass
-class EvalCrop:
-    """One preprocessed crop, channels in the order of ``markers``.
-
-    ``marker_ids`` are rows of the model's marker table; ``preprocessor`` (a
-    ``datamodules.preprocess.MultiplexPreprocessor`` for these channels, optional) is used only to
-    display images on the paper's [0, 1] scale.
-    """
-
-    dataset: str
-    tissue_id: str
-    y: int
-    x: int
-    image: Tensor  # (C, H, W) float32
-    marker_ids: Tensor  # (C,) int64
-    markers: list[str]
-    uniprot_ids: list[str]
-    preprocessor: Any = None
-
-    def __post_init__(self) -> None:
-        c = int(self.image.shape[0])
-        if self.image.dim() != 3 or not (c == len(self.marker_ids) == len(self.markers) == len(self.uniprot_ids)):
-            raise ReconstructionError(
-                f"crop {self.dataset}/{self.tissue_id}@({self.y},{self.x}): image {tuple(self.image.shape)} with "
-                f"{len(self.marker_ids)} marker ids, {len(self.markers)} names, {len(self.uniprot_ids)} UniProt ids"
-            )
-
-
-@dataclass
-class ReconstructionResult:
-    per_marker: pd.DataFrame
-    summary: pd.DataFrame
-    summary_seen_unseen: pd.DataFrame
-    summary_per_dataset: pd.DataFrame
-    baseline_fits: pd.DataFrame
-    examples: list[dict] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)
-
-
-# ============================================================================================
-# Marker vocabulary (zero-shot extension)
-# ============================================================================================
-
-
-@dataclass
-class MarkerVocabulary:
-    """The marker table to install in the model: trained rows first (same order), new rows after."""
-
-    uniprot_ids: list[str]
-    embeddings: Tensor  # (N, d); rows of trained ids without an embedding are NaN (never looked up)
-    seen: dict[str, bool]
-    missing_trained: list[str]
-
-    def usable(self, uniprot_id: str) -> bool:
-        return uniprot_id in self.seen and uniprot_id not in self.missing_trained
-
-
-def build_marker_vocabulary(
-    trained_ids: Sequence[str] | None,
-    available: Mapping[str, Tensor],
-    needed: Sequence[str],
-    allow_missing: bool = False,
-) -> MarkerVocabulary:
-    """Rebuild the checkpoint's marker table and extend it with the evaluated panels' new markers.
-
-    The checkpoint stores only the UniProt id ORDER of its table (the ESM vectors are inputs, not
-    weights), so its rows are filled from ``available`` (the evaluated datasets' and any extra
-    ``marker_embeddings`` folders) in exactly that order: marker index i keeps meaning the same protein.
-    A marker of the evaluated panels that is not in the checkpoint (zero-shot) is appended after the
-    trained rows if an embedding for it is available, and marked ``seen=False``; markers without any
-    embedding are left out (the caller reports them).
-
-    Args:
-        trained_ids: the checkpoint's id order; None (official weights, no stored order) = the
-            sorted ids of ``available``, all counted as seen.
-        allow_missing: trained ids without an embedding become NaN rows instead of an error (safe:
-            only rows of evaluated channels are looked up, and those all have embeddings).
-
-    Raises:
-        ReconstructionError: a trained id has no embedding and ``allow_missing`` is False.
-    """
-    dims = {int(t.numel()) for t in available.values()}
-    if len(dims) > 1:
-        raise ReconstructionError(f"marker embeddings of different sizes {sorted(dims)}: use one ESM-2 model for all")
-    dim = dims.pop() if dims else 640
-    if trained_ids is None:
-        trained = sorted(available)
-    else:
-        trained = [str(u) for u in trained_ids]
-    missing = [u for u in trained if u not in available]
-    if missing and not allow_missing:
-        raise ReconstructionError(
-            f"{len(missing)} of the checkpoint's {len(trained)} markers have no embedding in the evaluated datasets' "
-            f"marker_embeddings folders: {missing[:20]}{' ...' if len(missing) > 20 else ''}. The checkpoint stores only "
-            "their UniProt ids; pass --embeddings <pretraining dataset>/marker_embeddings (repeatable), or "
-            "--allow-missing-table-rows if no evaluated channel uses them"
-        )
-    new = sorted({str(u) for u in needed if str(u) in available and str(u) not in set(trained)})
-    rows = [available[u].float().reshape(-1) if u in available else torch.full((dim,), float("nan")) for u in trained]
-    rows += [available[u].float().reshape(-1) for u in new]
-    ids = trained + new
-    table = torch.stack(rows) if rows else torch.zeros(0, dim)
-    seen = {u: True for u in trained}
-    seen.update({u: False for u in new})
-    if new:
-        log.info("zero-shot: %d markers not in the pretraining table get their embedding appended: %s", len(new), new)
-    return MarkerVocabulary(ids, table, seen, missing)
-
 
 # ============================================================================================
 # Masks
@@ -201,7 +84,7 @@ def build_marker_vocabulary(
 
 def crop_generator(seed: int, strategy: str, crop_index: int) -> torch.Generator:
     """The generator of one crop's masks: independent of batching, model and other strategies."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + _STRATEGY_CODE[strategy] * 100_003 + int(crop_index))
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + STRATEGY_CODE[strategy] * 100_003 + int(crop_index))
 
 
 def strategy_masks(strategy: str, num_channels: int, h: int, w: int, generator: torch.Generator | None = None,
@@ -219,136 +102,6 @@ def strategy_masks(strategy: str, num_channels: int, h: int, w: int, generator: 
         eye = torch.eye(num_channels, dtype=torch.bool)
         return eye[:, :, None, None].expand(num_channels, num_channels, h, w).clone()
     raise ReconstructionError(f"unknown masking strategy {strategy!r}; choose from {STRATEGIES}")
-
-
-def pixel_mask(token_mask: Tensor, patch_size: int) -> Tensor:
-    """Token mask ``(..., h, w)`` -> pixel mask ``(..., h·p, w·p)``."""
-    return token_mask.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
-
-
-# ============================================================================================
-# Metrics from streamed sums
-# ============================================================================================
-
-
-class PixelStats:
-    """Per-row (dataset, marker) sufficient statistics of Pearson r and F1, accumulated in float64.
-
-    Values are centred on the row's threshold before summing (Pearson is shift-invariant), which
-    keeps the one-pass variance well conditioned.
-    """
-
-    FIELDS = ("n", "sx", "sy", "sxx", "syy", "sxy", "tp", "fp", "fn")
-
-    def __init__(self, rows: int):
-        self.v = torch.zeros(len(self.FIELDS), rows, dtype=torch.float64)
-
-    def add(self, rows: Tensor, truth: Tensor, pred: Tensor, sel: Tensor, thr: Tensor) -> None:
-        """rows (K,), truth/pred/sel (K, H, W), thr (K,): add the selected pixels of each channel."""
-        t = truth.double() - thr[:, None, None]
-        p = pred.double() - thr[:, None, None]
-        s = sel.to(torch.float64)
-        ts, ps = t * s, p * s
-        pos_t, pos_p = (t > 0) & sel, (p > 0) & sel
-        stacked = torch.stack([
-            s.sum((1, 2)), ts.sum((1, 2)), ps.sum((1, 2)), (ts * t).sum((1, 2)), (ps * p).sum((1, 2)), (ts * p).sum((1, 2)),
-            (pos_t & pos_p).sum((1, 2)).double(), (~pos_t & pos_p).sum((1, 2)).double(), (pos_t & ~pos_p).sum((1, 2)).double(),
-        ])
-        self.v.index_add_(1, rows, stacked)
-
-    def pearson(self) -> np.ndarray:
-        n, sx, sy, sxx, syy, sxy = (self.v[i] for i in range(6))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cov = (sxy - sx * sy / n).numpy()
-            vx = (sxx - sx * sx / n).numpy()
-            vy = (syy - sy * sy / n).numpy()
-            tiny = 1e-12 * np.maximum(sxx.numpy(), 1.0)
-            r = cov / np.sqrt(vx * vy)
-            r[(vx <= tiny) | (vy <= 1e-12 * np.maximum(syy.numpy(), 1.0)) | (n.numpy() < 2)] = np.nan
-        return np.clip(r, -1.0, 1.0)
-
-    def f1(self) -> np.ndarray:
-        tp, fp, fn = (self.v[i].numpy() for i in (6, 7, 8))
-        den = 2 * tp + fp + fn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), np.nan)
-
-    def n(self) -> np.ndarray:
-        return self.v[0].numpy().astype(np.int64)
-
-
-def pearson_f1(truth: np.ndarray, pred: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
-    """Direct Pearson r and F1 of two pixel vectors (the reference the streamed sums must match)."""
-    truth, pred = np.asarray(truth, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
-    thr = truth.mean() if threshold is None else threshold
-    r = float(np.corrcoef(truth, pred)[0, 1]) if truth.std() > 0 and pred.std() > 0 else float("nan")
-    pt, pp = truth > thr, pred > thr
-    tp, fp, fn = np.sum(pt & pp), np.sum(~pt & pp), np.sum(pt & ~pp)
-    den = 2 * tp + fp + fn
-    return r, (float(2 * tp / den) if den else float("nan"))
-
-
-# ============================================================================================
-# Baselines
-# ============================================================================================
-
-
-def visible_mean_prediction(image: Tensor, token_mask: Tensor, patch_size: int) -> Tensor:
-    """Each channel filled with the mean of its visible pixels (0 when none is visible)."""
-    vis = (~pixel_mask(token_mask, patch_size)).to(image.dtype)
-    n = vis.sum((1, 2))
-    mean = torch.where(n > 0, (image * vis).sum((1, 2)) / n.clamp_min(1), torch.zeros_like(n))
-    return mean[:, None, None].expand_as(image)
-
-
-@dataclass
-class PartnerFit:
-    partner: str
-    intercept: float
-    slope: float
-    r: float
-
-
-def fit_most_correlated(crops: Sequence[EvalCrop]) -> dict[tuple[str, str], list[PartnerFit]]:
-    """Per (dataset, marker): every other marker ranked by ``|r|`` over pooled pixels, with the
-    least-squares line predicting the marker from it. Pairwise-complete: a pair is fitted on the
-    crops that hold both markers."""
-    by_dataset: dict[str, list[EvalCrop]] = {}
-    for c in crops:
-        by_dataset.setdefault(c.dataset, []).append(c)
-    out: dict[tuple[str, str], list[PartnerFit]] = {}
-    for dataset, dcrops in by_dataset.items():
-        names = sorted({m for c in dcrops for m in c.markers})
-        pos = {m: i for i, m in enumerate(names)}
-        K = len(names)
-        N = np.zeros((K, K))
-        A = np.zeros((K, K))  # A[i, j] = sum of marker i over pixels of crops holding j
-        Q = np.zeros((K, K))
-        P = np.zeros((K, K))
-        for c in dcrops:
-            idx = np.array([pos[m] for m in c.markers])
-            X = c.image.reshape(len(idx), -1).double().numpy()
-            s, q = X.sum(1), (X * X).sum(1)
-            ix = np.ix_(idx, idx)
-            N[ix] += X.shape[1]
-            A[ix] += s[:, None]
-            Q[ix] += q[:, None]
-            P[ix] += X @ X.T
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cov = P - A * A.T / N  # cov[i, j] (pairwise complete), times N
-            var = Q - A * A / N  # var[i | pairs with j], times N
-            r = cov / np.sqrt(var * var.T)
-        for i, m in enumerate(names):
-            fits = []
-            for j, k in enumerate(names):
-                if j == i or not N[i, j] or not np.isfinite(r[i, j]) or var[j, i] <= 0:
-                    continue
-                slope = cov[i, j] / var[j, i]  # regress i on j
-                intercept = (A[i, j] - slope * A[j, i]) / N[i, j]
-                fits.append(PartnerFit(k, float(intercept), float(slope), float(r[i, j])))
-            fits.sort(key=lambda f: -abs(f.r))
-            out[(dataset, m)] = fits
-    return out
 
 
 # ============================================================================================
@@ -531,7 +284,7 @@ def evaluate_reconstruction(
                 if "visible_mean" in stats:
                     stats["visible_mean"].add(rws[sl], truth, visible_mean_prediction(c.image, m, p)[sl], sel, thr)
                 if "most_correlated" in stats:
-                    stats["most_correlated"].add(rws[sl], truth, _partner_prediction(c, fits, sl), sel, thr)
+                    stats["most_correlated"].add(rws[sl], truth, partner_prediction(c, fits, sl), sel, thr)
                 if i == example_crop.get(c.dataset):
                     ex = keep.setdefault(i, {"input": c.image.numpy().copy(), "recon": np.zeros_like(c.image.numpy())})
                     ex["recon"][sl] = dec.numpy()
@@ -597,68 +350,9 @@ def subsample_per_dataset(crops: Sequence[EvalCrop], k: int) -> list[EvalCrop]:
     return out
 
 
-def _partner_prediction(crop: EvalCrop, fits: Mapping[tuple[str, str], list[PartnerFit]], sl: slice) -> Tensor:
-    """Prediction of the selected channels by their best partner measured in this crop."""
-    present = {m: j for j, m in enumerate(crop.markers)}
-    chans = range(len(crop.markers))[sl]
-    out = torch.zeros((len(chans),) + tuple(crop.image.shape[1:]), dtype=crop.image.dtype)
-    for o, ch in enumerate(chans):
-        for f in fits.get((crop.dataset, crop.markers[ch]), []):
-            j = present.get(f.partner)
-            if j is not None and j != ch:
-                out[o] = f.intercept + f.slope * crop.image[j]
-                break
-    return out
-
-
 # ============================================================================================
-# Summaries
+# Outputs
 # ============================================================================================
-
-
-def _order(df: pd.DataFrame) -> pd.DataFrame:
-    strat = {s: i for i, s in enumerate(STRATEGIES)}
-    meth = {"virtues": 0, "visible_mean": 1, "most_correlated": 2}
-    return df.sort_values(["strategy", "method"], key=lambda s: s.map(strat if s.name == "strategy" else meth).fillna(99))
-
-
-def summarise(per_marker: pd.DataFrame) -> pd.DataFrame:
-    """Mean over markers (and datasets) per strategy and method; columns exactly SUMMARY_COLUMNS."""
-    if per_marker.empty:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    nan = per_marker[per_marker["pearson_r"].isna()]
-    for (strategy, method), grp in nan.groupby(["strategy", "method"]):
-        log.warning("%s/%s: Pearson r undefined (constant truth or prediction) for %d markers, left out of the mean: %s",
-                    strategy, method, len(grp), ", ".join(map(str, grp["marker"].head(10))))
-    df = per_marker.groupby(["strategy", "method"], as_index=False)[["pearson_r", "f1"]].mean()
-    return _order(df)[SUMMARY_COLUMNS].reset_index(drop=True)
-
-
-def summarise_seen(per_marker: pd.DataFrame) -> pd.DataFrame:
-    """As :func:`summarise`, separately for markers seen / unseen during pretraining."""
-    if per_marker.empty:
-        return pd.DataFrame(columns=SEEN_SUMMARY_COLUMNS)
-    g = per_marker.groupby(["strategy", "method", "seen"], as_index=False)
-    df = g[["pearson_r", "f1"]].mean().merge(g.size().rename(columns={"size": "n_markers"}))
-    return _order(df)[SEEN_SUMMARY_COLUMNS].reset_index(drop=True)
-
-
-def summarise_per_dataset(per_marker: pd.DataFrame) -> pd.DataFrame:
-    """Dataset-wise means over markers (the points of the paper's Fig. 2d)."""
-    cols = ["dataset", "strategy", "method", "pearson_r", "f1", "n_markers"]
-    if per_marker.empty:
-        return pd.DataFrame(columns=cols)
-    g = per_marker.groupby(["dataset", "strategy", "method"], as_index=False)
-    df = g[["pearson_r", "f1"]].mean().merge(g.size().rename(columns={"size": "n_markers"}))
-    return _order(df).sort_values("dataset", kind="stable")[cols].reset_index(drop=True)
-
-
-# ============================================================================================
-# Output
-# ============================================================================================
-
-
-
 
 
 def write_outputs(result: ReconstructionResult, out_dir: str | Path, skipped: pd.DataFrame | None = None,
@@ -667,8 +361,6 @@ def write_outputs(result: ReconstructionResult, out_dir: str | Path, skipped: pd
     """per_marker.csv, summary.csv, summary_seen_unseen.csv, summary_per_dataset.csv, baseline_fits.csv,
     skipped_markers.csv, evaluation.json and the figures, written into a temporary folder renamed to
     ``out_dir`` at the end (an existing ``out_dir`` is refused unless ``overwrite``)."""
-    from analysis.virtues_reconstruction_figures import plot_all
-
     skipped = skipped if skipped is not None else pd.DataFrame(columns=SKIPPED_COLUMNS)
     with atomic_output_dir(out_dir, overwrite, command="virtues_reconstruct") as tmp:
         result.per_marker.to_csv(tmp / "per_marker.csv", index=False)

@@ -53,7 +53,7 @@ def run(data: Path, workers: list[int], batches: int, batch_size: int, cache_mb:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--chunk-cache-mb", type=float, nargs="+", default=[0, 512],
                         help="decoded-chunk cache budgets to compare (0 = off)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data

@@ -1,9 +1,6 @@
 """Turn a lab's own image files into the harmonized dataset layout, one tissue at a time.
 
-    python -m datamodules.ingest --image FILE_OR_FOLDER --modality imc --dataset NAME \\
-        --tissue-id ID --out DIR [--channels CSV] [--mask F] [--cell-mask F] [--tissues-csv F] \\
-        [--cells-csv F] [--resolution MPP] [--split train|val|test] [--patient-id P] \\
-        [--embeddings DIR] [--extend-panel] [--register-to-dapi CODEX_TISSUE_ID] [--overwrite]
+    python -m experiments.data_ingest --image FILE_OR_FOLDER --modality imc --dataset NAME --tissue-id ID --out DIR ...
 
 Accepted images: OME-TIFF / TIFF (multi-channel fluorescence or IMC, RGB H&E; pyramidal files are
 read at full resolution), a FOLDER of single-channel TIFFs (one per marker, file stem = marker name,
@@ -19,12 +16,9 @@ existing one write each piece atomically (image first, tables last).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import re
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +26,19 @@ import numpy as np
 import pandas as pd
 
 from datamodules import layout
-from datamodules.command_errors import run_command
 from datamodules.dataset_lock import dataset_lock
+from datamodules.ingest_panel import embeddings_to_copy, merge_panel
 from datamodules.ingest_files import (HE, MODALITY_PATTERN, IngestError, build_channels, check_finite, check_mask_shape,
                                       normalise_he, normalise_multiplex, read_any, read_channel_table, read_mask,
                                       read_table, resolve_channel_names, to_instance_mask)
-from datamodules.preprocess import compute_and_store_statistics, otsu_tissue_mask
+from datamodules.preprocess import otsu_tissue_mask
 from datamodules.provenance import MEASURED, check_dataset_target
+from datamodules.statistics import compute_and_store_statistics
 from datamodules.store import DatasetStore, DatasetWriter, StoreError
-from lightning_modules.components.model_files import load_tensor_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestError", "IngestResult", "ingest", "read_source", "main"]
+__all__ = ["IngestError", "IngestResult", "ingest", "read_source"]
 
 
 @dataclasses.dataclass
@@ -147,8 +141,8 @@ def ingest(
         tmask = _tissue_mask(store, tissue_id, image, mask, arr, modality, mpp, present_at, warnings)
         cmask = _cell_mask(cell_mask, (h, w))
         cells_df = _cells_table(cells_csv, tissue_id, cmask)
-        panel_df, arr, measured, new_channels = _merge_panel(store, modality, src.channels, arr, image, extend_panel, warnings)
-        embed_tensors = _embeddings_to_copy(Path(embeddings) if embeddings else None, panel_df, store)
+        panel_df, arr, measured, new_channels = merge_panel(store, modality, src.channels, arr, image, extend_panel, warnings)
+        embed_tensors = embeddings_to_copy(Path(embeddings) if embeddings else None, panel_df, store)
         if modality != HE:
             _warn_unusable_markers(src.channels, store, embed_tensors, root, warnings)
         pieces = dict(modality=modality, tissue_id=tissue_id, arr=arr, mpp=mpp, panel_df=panel_df, measured=measured,
@@ -379,80 +373,8 @@ def _write(root: Path, new_dataset: bool, pieces: dict[str, Any]) -> bool:
             if modality != HE:
                 _recompute_stats(str(root), modality, mpp, tissue_id)
     except StoreError as exc:
-        raise IngestError(root, "dataset", str(exc), "fix the dataset folder (python -m datamodules.store info DIR)") from exc
+        raise IngestError(root, "dataset", str(exc), "fix the dataset folder (python -m experiments.data_info DIR)") from exc
     return new_dataset
-
-
-def _merge_panel(store: Any, modality: str, channel_df: pd.DataFrame, arr: np.ndarray, image: Path, extend_panel: bool,
-                 warnings: list[str]) -> tuple[pd.DataFrame, np.ndarray, list[bool], list[str]]:
-    """Panel table, image in panel order (zero-filled unmeasured channels), measured flags, new channels.
-
-    Every image of a modality holds all channels of `channels.parquet` in table order (what the
-    spora reader and `DatasetStore.validate` expect); `channels_per_tissue` says which were measured.
-    """
-    names = list(channel_df["channel_name"])
-    existing = None
-    if store is not None and store.exists(layout.channels_path(modality)):
-        existing = store.channels(modality)
-    if existing is None:
-        return channel_df, arr, [True] * len(names), []
-    panel = [str(n) for n in existing["channel_name"]]
-    new = [n for n in names if n not in panel]
-    if new and not extend_panel:
-        raise IngestError(image, "channels", f"{len(new)} channels not in the dataset's {modality} panel: {', '.join(new[:10])}",
-                          "rename them to the panel's names, ingest into a new --dataset, or pass --extend-panel "
-                          "(adds them as unmeasured zero channels to the existing images)")
-    if modality != HE:
-        ex_uid = dict(zip(existing["channel_name"].astype(str), existing.get("uniprot_id", pd.Series([None] * len(panel)))))
-        for n, u in zip(names, channel_df["uniprot_id"]):
-            old = ex_uid.get(n)
-            if n in ex_uid and not pd.isna(u) and not pd.isna(old) and str(u) != str(old):
-                raise IngestError(image, "uniprot_id", f"channel {n} has UniProt {old} in the dataset but {u} in your table",
-                                  "use the dataset's id or rename the channel")
-    panel_df = existing.copy()
-    if modality != HE and "uniprot_id" in panel_df.columns:
-        given = dict(zip(channel_df["channel_name"], channel_df["uniprot_id"]))
-        fill = [i for i, n in enumerate(panel_df["channel_name"].astype(str)) if pd.isna(panel_df["uniprot_id"].iloc[i])
-                and n in given and not pd.isna(given[n])]
-        if fill:
-            panel_df["uniprot_id"] = panel_df["uniprot_id"].astype("string")
-            for i in fill:
-                panel_df.loc[i, "uniprot_id"] = given[str(panel_df["channel_name"].iloc[i])]
-            warnings.append(f"{modality} panel: UniProt ids added for {', '.join(str(panel_df['channel_name'].iloc[i]) for i in fill)}")
-    if new:
-        panel_df = pd.concat([panel_df, channel_df[channel_df["channel_name"].isin(new)]], ignore_index=True)
-        warnings.append(f"{modality} panel extended by {', '.join(new)}: existing images get zero-filled, unmeasured channels")
-    full = [str(n) for n in panel_df["channel_name"]]
-    missing = [n for n in full if n not in names]
-    if missing:
-        warnings.append(f"{image}: {len(missing)} {modality} panel channels not in this image (stored as unmeasured zeros): "
-                        f"{', '.join(missing[:10])}")
-    index = {n: i for i, n in enumerate(names)}
-    out = np.zeros((len(full),) + arr.shape[1:], dtype=arr.dtype)
-    for j, n in enumerate(full):
-        if n in index:
-            out[j] = arr[index[n]]
-    return panel_df, out, [n in index for n in full], new
-
-
-def _embeddings_to_copy(folder: Path | None, panel_df: pd.DataFrame, store: Any) -> dict[str, Any]:
-    """The panel's ``<UniProtID>.pt`` files in ``folder``, read safely and checked against the
-    dataset's embedding size (the first file fixes it for a new dataset)."""
-    if folder is None:
-        return {}
-    if not folder.is_dir():
-        raise IngestError(folder, "--embeddings", "is not a folder", "pass a folder of <UniProtID>.pt files")
-    wanted = {str(u) for u in panel_df.get("uniprot_id", []) if not pd.isna(u) and layout.is_uniprot_id(str(u))}
-    out = {}
-    dim = None
-    if store is not None and store.embedding_ids():
-        dim = int(store.embedding(store.embedding_ids()[0]).numel())
-    for uid in sorted(wanted):
-        f = folder / f"{uid}.pt"
-        if f.exists():
-            out[uid] = load_tensor_file(f, expected_dim=dim)
-            dim = out[uid].numel()
-    return out
 
 
 def _write_all(writer: Any, *, modality: str, tissue_id: str, arr: np.ndarray, mpp: float, panel_df: pd.DataFrame,
@@ -516,59 +438,3 @@ def _register_he(he: np.ndarray, store: Any, root: Path, codex_tissue: str, dapi
         raise IngestError(image, "registration", str(exc), "check that the H&E and DAPI show the same tissue") from exc
     warped = warp_to(he, reg.transform, (h, w), fill=255)
     return warped.astype(np.uint8), res, reg
-
-
-# ============================================================================================
-# CLI
-# ============================================================================================
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m datamodules.ingest", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True, help="OME-TIFF/TIFF/PNG file, or a folder of single-channel TIFFs")
-    p.add_argument("--modality", required=True, help="he, codex, imc, mibi, ...")
-    p.add_argument("--dataset", required=True, help="dataset folder name (created under --out when absent)")
-    p.add_argument("--tissue-id", required=True)
-    p.add_argument("--out", required=True, help="folder holding datasets")
-    p.add_argument("--channels", help="CSV: channel_name,uniprot_id[,is_nuclear_marker,qc_pass]")
-    p.add_argument("--mask", help="tissue mask (nonzero = tissue); default: Otsu")
-    p.add_argument("--cell-mask", help="cell instance mask (integer ids, 0 = background)")
-    p.add_argument("--tissues-csv", help="clinical table with a tissue_id column (row of this tissue is used)")
-    p.add_argument("--cells-csv", help="cell table with cell_id (= cell mask label) and labels")
-    p.add_argument("--resolution", type=float, help="µm per pixel (default: from OME metadata, else 1.0)")
-    p.add_argument("--split", help="train, val or test (also: Train, validation, testing, ...)")
-    p.add_argument("--patient-id")
-    p.add_argument("--embeddings", help="folder of <UniProtID>.pt ESM-2 embeddings to copy in")
-    p.add_argument("--extend-panel", action="store_true", help="allow channels new to the modality's panel")
-    p.add_argument("--register-to-dapi", metavar="CODEX_TISSUE_ID",
-                   help="(H&E) register to the DAPI channel of this tissue's CODEX image and store it in that pixel grid")
-    p.add_argument("--dapi-modality", default="codex")
-    p.add_argument("--dapi-channel", help="name of the DAPI channel (default: DAPI/Hoechst/DNA/H3 by name)")
-    p.add_argument("--overwrite", action="store_true", help="replace this tissue's image, masks and rows")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # the CLI prints the collected warnings itself, once, as `warning: ...` lines
-    logging.getLogger(__name__).addHandler(logging.NullHandler())
-    logging.getLogger(__name__).propagate = False
-
-    def body() -> None:
-        result = ingest(
-            image=args.image, modality=args.modality, dataset=args.dataset, tissue_id=args.tissue_id, out=args.out,
-            channels=args.channels, mask=args.mask, cell_mask=args.cell_mask, tissues_csv=args.tissues_csv,
-            cells_csv=args.cells_csv, resolution=args.resolution, split=args.split, patient_id=args.patient_id,
-            overwrite=args.overwrite, embeddings=args.embeddings, extend_panel=args.extend_panel,
-            register_to_dapi=args.register_to_dapi, dapi_modality=args.dapi_modality, dapi_channel=args.dapi_channel,
-        )
-        for msg in result.warnings:
-            print(f"warning: {msg}", file=sys.stderr)
-        print(result.summary())
-
-    return run_command(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

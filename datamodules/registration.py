@@ -13,7 +13,7 @@ Nuclei are dark in H&E and bright in DAPI, and SIFT descriptors are not invarian
 inversion, so every H&E signal is inverted (or, for hematoxylin, taken as optical density) so that
 nuclei are bright in both images before CLAHE.
 
-    python -m experiments.register_he --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] --out HE_registered.ome.tif
+    python -m experiments.data_register --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] --out HE_registered.ome.tif
 """
 
 from __future__ import annotations

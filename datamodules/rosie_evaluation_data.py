@@ -1,9 +1,9 @@
 """Read what the ROSIE evaluation needs from prediction and truth datasets, as arrays.
 
-Why a module of its own: the metrics, tables and figures (:mod:`analysis.rosie_evaluation`) are the
-bottom layer and must not import the dataset store; the reading lives here, one layer up
-(``experiments`` -> ``datamodules`` -> ``analysis``), and hands :mod:`analysis.rosie_evaluation`
-plain arrays and tables. The orchestration that combines both is
+Why a module of its own: the metrics, tables, baselines and figures (:mod:`analysis.rosie_evaluation`,
+:mod:`analysis.rosie_baselines`, :mod:`analysis.rosie_figures`) are the bottom layer and must not
+import the dataset store; the reading lives here, one layer up (``experiments`` -> ``datamodules``
+-> ``analysis``), and hands them plain arrays and tables. The orchestration that combines both is
 :mod:`experiments.rosie_evaluation_pipeline`. The evaluation policies (patches, evaluated and
 background blocks, baselines) are documented in :mod:`analysis.rosie_evaluation`.
 
@@ -15,7 +15,8 @@ What is read here:
   means of the measured CODEX, truth tissue fraction, prediction foreground, per-tissue presence);
 * the truth H&E and cell masks for the baselines (:func:`read_he`,
   :func:`read_morphometry_inputs`, :func:`cell_morphology_inputs`), the H&E patches of the
-  Grad-CAM figure and the images of the predicted-vs-measured figure (:func:`percentile_loader`);
+  Grad-CAM figure (:func:`read_gradcam_patches`) and the images of the predicted-vs-measured
+  figure (:func:`percentile_loader`);
 * patch-level ground-truth folders (:func:`is_patch_level_truth`, :func:`load_patch_level_truth`,
   :func:`read_rgb_png`).
 
@@ -33,18 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.rosie_evaluation import (
-    IN_TISSUE_FRACTION,
-    MODEL_PATCH,
-    EvaluationError,
-    MorphologyData,
-    PatchLevelTruth,
-    SampleLoader,
-    TissuePatches,
-    _display_factor,
-    detect_stride,
-)
+from skimage.io import imread
+
+from analysis.rosie_baselines import MorphologyData, patch_morphology_features
+from analysis.rosie_evaluation import IN_TISSUE_FRACTION, MODEL_PATCH, EvaluationError, TissuePatches, detect_stride
+from analysis.rosie_figures import SampleLoader, display_factor
+from analysis.rosie_patch_level import PatchLevelTruth
 from datamodules.markers import canonical_marker, match_markers
+from datamodules.preprocess import otsu_tissue_mask
 from datamodules.sampling import block_means, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
 
@@ -98,8 +95,6 @@ def _truth_tissue_fraction(truth: DatasetStore, tissue_id: str, mpp: float, shap
     if mask is None:
         with contextlib.suppress(StoreError):
             he = truth.image("he", tissue_id, mpp)
-            from datamodules.preprocess import otsu_tissue_mask
-
             mask = otsu_tissue_mask(he.read_all(), "he")
             source = "otsu_he"
             log.info("%s: no stored tissue mask at %g µm/px; using an Otsu mask of its H&E", tissue_id, mpp)
@@ -229,8 +224,6 @@ def read_morphometry_inputs(truth: DatasetStore, tissue_id: str, mpp: float) -> 
 
 
 def _morph_features(truth: DatasetStore, tissue_id: str, mpp: float, origins: np.ndarray, s: int) -> np.ndarray | None:
-    from analysis.rosie_baselines import patch_morphology_features
-
     inputs = read_morphometry_inputs(truth, tissue_id, mpp)
     if inputs is None:
         return None
@@ -263,7 +256,7 @@ def cell_morphology_inputs(truth: DatasetStore, tissues: Sequence[TissuePatches]
                            evaluated_ids: Sequence[str], max_train_patches: int = 200_000,
                            seed: int = 0) -> tuple[MorphologyData | None, str]:
     """Read the morphology baseline's training data (the truth dataset's train/val tissues) and the
-    features of the evaluated tissues' blocks, for :func:`analysis.rosie_evaluation.cell_morphology_predictions`.
+    features of the evaluated tissues' blocks, for :func:`analysis.rosie_baselines.cell_morphology_predictions`.
 
     Returns (data, "") or (None, reason) when the baseline cannot run on this dataset.
     """
@@ -322,10 +315,10 @@ def percentile_loader(pred: DatasetStore, truth: DatasetStore, tissues: dict[str
         t = tissues[tid]
         full = load_tissue(pred, truth, tid, match, t.split, pred_mpp, keep_grids=True, verbose=False)
         tg, pg = full.extras["truth_grid"], full.extras["pred_grid"]
-        f = _display_factor(tg.shape[1:])
+        f = display_factor(tg.shape[1:])
         try:
             he = truth.image("he", tid, t.truth_mpp)
-            fh = _display_factor(he.shape[1:])
+            fh = display_factor(he.shape[1:])
             he_img = he.read_all()[:, ::fh, ::fh]
         except StoreError:
             he_img = np.full((3, 8, 8), 255, np.uint8)
@@ -334,8 +327,9 @@ def percentile_loader(pred: DatasetStore, truth: DatasetStore, tissues: dict[str
     return load
 
 
-def _gradcam_patches(truth: DatasetStore, tissues: Sequence[TissuePatches], n: int, seed: int) -> np.ndarray:
-    """``n`` random evaluated (foreground) blocks' 128 px H&E patches, centred like the model's input."""
+def read_gradcam_patches(truth: DatasetStore, tissues: Sequence[TissuePatches], n: int, seed: int) -> np.ndarray:
+    """(n, 3, 128, 128) uint8: the truth H&E around ``n`` random evaluated (foreground) blocks, centred
+    like the model's input, for :func:`analysis.gradcam.gradcam_figure` (white beyond the image)."""
     rng = np.random.default_rng(seed)
     cand = [(t, i) for t in tissues for i in np.flatnonzero(t.in_tissue)]
     if not cand:
@@ -389,8 +383,6 @@ def load_patch_level_truth(root: str | Path) -> PatchLevelTruth:
 
 def read_rgb_png(path: Path) -> np.ndarray:
     """(3, H, W) uint8 RGB (alpha dropped, grey expanded)."""
-    from skimage.io import imread
-
     a = np.asarray(imread(path))
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, -1)

@@ -21,7 +21,7 @@ class VirTuesCLI(VirtuplexCLI):
     checkpoint_kinds = ("virtues",)
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("model.patch_size", "data.patch_size")
+        parser.link_arguments("model.arch.patch_size", "data.patch_size")
 
     def _attach_marker_table(self) -> None:
         table = self.datamodule.prepare_marker_table()

@@ -3,7 +3,8 @@
 Paper Methods ("Training details"): ConvNeXt-Small from ImageNet, masked MSE over the markers a
 study actually stained, Adam lr 1e-4 halved every 30 k iterations, validation by Pearson R across
 patches (early stopping monitors it) and SSIM on stitched samples.  The network lives in
-``components.rosie_backbone``; this file only wires loss, optimiser and metrics.
+``components.rosie_backbone``, the loss and metrics in :mod:`analysis.rosie_training_metrics`; this
+file only wires them to the optimiser and Lightning's loop.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics import MeanMetric
 
+from analysis.rosie_training_metrics import MaskedPearson, masked_mse, stitched_ssim
 from lightning_modules.components.model_files import ModelFileError, load_torch_file, require_kind
 from lightning_modules.components.rosie_backbone import (
     RosieInputAdapter,
@@ -26,55 +27,6 @@ from lightning_modules.components.rosie_backbone import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over present (patch, marker) entries only.
-
-    ``torch.where`` (not a multiplication) so NaN/inf targets at absent markers cannot leak into
-    the loss or its gradient.
-    """
-    present = present.bool()
-    diff = torch.where(present, pred - target, torch.zeros_like(pred))
-    return diff.pow(2).sum() / present.sum().clamp(min=1)
-
-
-class MaskedPearson(Metric):
-    """Per-marker Pearson R across patches, skipping absent entries.
-
-    Keeps float64 running sums as metric states (reduced by summation), so the result is exact
-    under DDP and over any number of batches.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, num_outputs: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
-            self.add_state(name, default=torch.zeros(num_outputs, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> None:
-        m = (present.bool() & torch.isfinite(target) & torch.isfinite(pred)).to(torch.float64)
-        x = torch.where(m > 0, pred.detach().to(torch.float64), 0.0)
-        y = torch.where(m > 0, target.detach().to(torch.float64), 0.0)
-        self.n += m.sum(0)
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.sxx += (x * x).sum(0)
-        self.syy += (y * y).sum(0)
-        self.sxy += (x * y).sum(0)
-
-    def compute(self) -> torch.Tensor:
-        """(M,) Pearson R; NaN where a marker has < 2 entries or no variance."""
-        n = self.n
-        cov = n * self.sxy - self.sx * self.sy
-        vx = n * self.sxx - self.sx**2
-        vy = n * self.syy - self.sy**2
-        denom = torch.sqrt(vx.clamp(min=0) * vy.clamp(min=0))
-        ok = (n >= 2) & (denom > 0)
-        return torch.where(ok, cov / torch.where(ok, denom, 1.0), torch.full_like(n, float("nan")))
 
 
 class RosieModule(L.LightningModule):
@@ -203,35 +155,6 @@ def _num_outputs(model: nn.Module) -> int:
     """Output width of the final Linear layer (the regression head)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     return int(last.out_features)
-
-
-def stitched_ssim(pred_image: torch.Tensor, target_image: torch.Tensor) -> torch.Tensor | None:
-    """Mean SSIM over markers of a stitched (M,h,w) prediction against the measurement.
-
-    Per marker, the data range is the measured image's max - min (the paper does not say; a fixed
-    range would let bright markers dominate).  Markers with non-finite or constant measurements are
-    skipped; the Gaussian window shrinks for samples smaller than 11 px.  ``None`` if nothing is
-    scoreable.
-    """
-    h, w = target_image.shape[-2:]
-    k = min(11, h, w)
-    k = k if k % 2 == 1 else k - 1
-    if k < 3:
-        return None
-    values = []
-    for c in range(target_image.shape[0]):
-        t = target_image[c]
-        if not torch.isfinite(t).all():
-            continue
-        rng = float(t.max() - t.min())
-        if rng <= 0:
-            continue
-        values.append(
-            structural_similarity_index_measure(
-                pred_image[c][None, None], t[None, None], data_range=rng, kernel_size=k, sigma=1.5 * k / 11
-            )
-        )
-    return torch.stack(values).mean() if values else None
 
 
 def load_rosie_checkpoint(path: str, trust_checkpoint: bool = False, map_location: str = "cpu") -> "RosieModule":

@@ -3,7 +3,11 @@
 Batch format (from the DataModule)::
 
     {"images": list[Tensor(C_b, H, W)], "marker_ids": list[LongTensor(C_b)],
-     "masks": list[BoolTensor(C_b, H/8, W/8)]}   # "masks" optional: generated here if absent
+     "masks": list[BoolTensor(C_b, H/8, W/8)]}
+
+MAE masks are drawn by the data pipeline (``datamodules.virtues.VirTuesCropDataset``, from
+``(seed, epoch, item)``), never here: one owner means one mask-ratio setting and masks that do not
+depend on the number of workers or ranks. A batch without masks is refused by name.
 
 Training choices (official code unless noted; ``shared/docs/virtues-official-layout.md`` 3.4):
 
@@ -18,39 +22,51 @@ Training choices (official code unless noted; ``shared/docs/virtues-official-lay
   schedule starting at 0.04 (end value not stated) -> ``weight_decay: 0.04, wd_schedule: cosine,
   wd_end: ...``. Gradient clipping (1.0) and fp16 AMP are Trainer settings.
 
-The marker (ESM) table is an input, not a weight: it is loaded from ``marker_table_dir`` or set by
-the DataModule through :meth:`VirTuesModule.set_marker_table`. The UniProt id order is stored in
-the hyper-parameters so a checkpoint reloads with the same marker indices; the table values come
-from the files again.
+The architecture is one :class:`VirTuesArch` (config keys ``model.arch.*``), stored in the
+hyper-parameters as a plain dict. The marker (ESM) table is an input, not a weight: it is loaded
+from ``marker_table_dir`` or set by the DataModule through :meth:`VirTuesModule.set_marker_table`,
+and a checkpoint carries it beside the weights. :func:`load_virtues_module` reads checkpoints of
+this layout and of the flat one written before ``arch`` existed.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import time
-from typing import Any, Sequence
+from dataclasses import fields
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.components.virtues import VirTues, independent_masks_for_batch
+from lightning_modules.components.model_files import ModelFileError, load_torch_file, require_kind
+from lightning_modules.components.virtues import VirTues, VirTuesArch
 
 
 class VirTuesModule(L.LightningModule):
+    """VirTues pretraining: the model, its loss, optimiser, schedules and marker-table bookkeeping.
+
+    Args:
+        arch: the architecture (defaults = the released VirTues). A plain dict (as stored in the
+            hyper-parameters) is accepted too, so Lightning's own ``load_from_checkpoint`` works.
+        lr, min_lr_ratio, warmup_fraction: peak learning rate, cosine floor as a fraction of it,
+            linear warm-up as a fraction of all steps.
+        weight_decay, wd_schedule, wd_end: AdamW decay, ``constant`` or ``cosine`` to ``wd_end``.
+        weight_decay_on_tokens: decay the patch-summary and mask tokens (official run: yes).
+        adam_beta1, adam_beta2, adam_eps: AdamW settings.
+        marker_table_dir: folder of ``<UniProtID>.pt`` ESM embeddings to load now (else the
+            DataModule installs the table before training).
+        marker_uniprot_ids: row order of that table (default: sorted file names).
+        pretrained_weights: an official-layout ``.safetensors`` file to start from (strict).
+    """
+
     def __init__(
         self,
-        d_model: int = 512,
-        encoder_heads: int = 8,
-        decoder_heads: int = 8,
-        ffn_dim: int = 1024,
-        encoder_pattern: str = "hvhvhvhvhvhvhvhv",
-        decoder_pattern: str = "ffff",
-        patch_size: int = 8,
-        esm_dim: int = 640,
-        dropout: float = 0.0,
-        attention_backend: str = "auto",
+        arch: VirTuesArch = VirTuesArch(),
         lr: float = 2e-4,
         min_lr_ratio: float = 0.0,
         warmup_fraction: float = 0.1,
@@ -61,30 +77,23 @@ class VirTuesModule(L.LightningModule):
         adam_beta1: float = 0.9,
         adam_beta2: float = 0.999,
         adam_eps: float = 1e-8,
-        mask_ratio_min: float = 0.6,
-        mask_ratio_max: float = 1.0,
-        val_mask_seed: int = 1234,
         marker_table_dir: str | None = None,
         marker_uniprot_ids: list[str] | None = None,
         pretrained_weights: str | None = None,
     ) -> None:
-        """Sizes default to the released VirTues; ``pretrained_weights`` = an official-layout
-        ``.safetensors`` file to start from (loaded strictly)."""
         super().__init__()
+        if isinstance(arch, Mapping):
+            arch = VirTuesArch.from_dict(arch)
         if wd_schedule not in ("constant", "cosine"):
             raise ValueError(f"wd_schedule must be 'constant' or 'cosine', got {wd_schedule!r}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        self.save_hyperparameters()
-        arch = dict(
-            d_model=d_model, encoder_heads=encoder_heads, decoder_heads=decoder_heads, ffn_dim=ffn_dim,
-            encoder_pattern=encoder_pattern, decoder_pattern=decoder_pattern, patch_size=patch_size,
-            esm_dim=esm_dim, dropout=dropout, attention_backend=attention_backend,
-        )
+        self.save_hyperparameters(ignore=["arch"])
+        self.hparams["arch"] = arch.to_dict()  # plain values: checkpoints load with weights_only=True
         if pretrained_weights:
-            self.model = VirTues.from_pretrained(pretrained_weights, config={}, **arch)
+            self.model = VirTues.from_pretrained(pretrained_weights, config=arch)
         else:
-            self.model = VirTues(**arch)
+            self.model = VirTues(arch)
         if marker_table_dir is not None:
             self.model.load_marker_table(marker_table_dir, marker_uniprot_ids)
             self.hparams["marker_uniprot_ids"] = list(self.model.marker_uniprot_ids)
@@ -120,24 +129,15 @@ class VirTuesModule(L.LightningModule):
     def forward(self, images: Sequence[Tensor], marker_ids: Sequence[Tensor], masks: Sequence[Tensor] | None = None):
         return self.model(images, marker_ids, masks)
 
-    def _masks(self, batch: dict[str, Any], generator: torch.Generator | None) -> list[Tensor]:
-        if batch.get("masks") is not None:
-            return batch["masks"]
+    def _loss(self, batch: dict[str, Any]) -> Tensor:
+        for key in ("images", "marker_ids", "masks"):
+            if batch.get(key) is None:
+                raise KeyError(
+                    f"VirTues batch is missing {key!r}; expected keys images, marker_ids, masks (the MAE masks "
+                    "are drawn by the data pipeline: VirTuesCropDataset(masking=True), as VirTuesDataModule does)"
+                )
         images = batch["images"]
-        H, W = images[0].shape[-2:]
-        p = self.hparams.patch_size
-        masks = independent_masks_for_batch(
-            [int(x.shape[0]) for x in images], H // p, W // p,
-            (self.hparams.mask_ratio_min, self.hparams.mask_ratio_max), generator,
-        )
-        return [m.to(images[0].device) for m in masks]
-
-    def _loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        for key in ("images", "marker_ids"):
-            if key not in batch:
-                raise KeyError(f"VirTues batch is missing {key!r}; expected keys images, marker_ids[, masks]")
-        images = batch["images"]
-        out = self.model(images, batch["marker_ids"], self._masks(batch, generator))
+        out = self.model(images, batch["marker_ids"], batch["masks"])
         pred = torch.cat([d.reshape(-1) for d in out.decoded]).float()
         target = torch.cat([x.reshape(-1) for x in images]).float()
         return F.mse_loss(pred, target)  # mean over sum_b C_b * H * W pixels
@@ -148,9 +148,8 @@ class VirTuesModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        # fixed masks per batch index -> val loss comparable across epochs when masks are generated here
-        gen = torch.Generator().manual_seed(self.hparams.val_mask_seed + batch_idx)
-        loss = self._loss(batch, gen)
+        # validation masks are fixed by the data pipeline (epoch 0 seeds) -> comparable across epochs
+        loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["images"]))
         return loss
 
@@ -163,7 +162,7 @@ class VirTuesModule(L.LightningModule):
         if self._last_step_end is not None and now > self._last_step_end:
             dt = now - self._last_step_end  # wall time of one step incl. data loading
             images = batch["images"]
-            p = self.hparams.patch_size
+            p = self.model.patch_size
             tokens = sum(int(x.shape[0]) * (x.shape[-2] // p) * (x.shape[-1] // p) for x in images)
             self.log("train/tokens_per_s", tokens / dt, batch_size=len(images))
             self.log("train/crops_per_s", len(images) / dt, batch_size=len(images))
@@ -238,3 +237,57 @@ def cosine_value(step: int, total: int, start: float, end: float) -> float:
     """Cosine interpolation from ``start`` (step 0) to ``end`` (last step)."""
     progress = min(1.0, step / max(1, total - 1))
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+#: Hyper-parameters that no longer exist: the module's own mask drawing (now the data pipeline's
+#: job) and Lightning's bookkeeping for its own loader. Dropped when an old checkpoint is read.
+RETIRED_HPARAMS = frozenset({"mask_ratio_min", "mask_ratio_max", "val_mask_seed", "_instantiator", "_class_path"})
+
+
+def current_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters in the current layout (plain values, ``arch`` a dict).
+
+    Why: checkpoints written before :class:`VirTuesArch` keep the sizes at the top level
+    (``d_model=..., encoder_pattern=...``); both layouts must keep loading.
+    """
+    hp = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
+    arch_names = {f.name for f in fields(VirTuesArch)}
+    flat = {k: hp.pop(k) for k in sorted(arch_names & set(hp))}
+    if flat:
+        if "arch" in hp:
+            raise ModelFileError(f"hyper-parameters hold both 'arch' and the old flat sizes {sorted(flat)}")
+        hp["arch"] = flat
+    return hp
+
+
+def load_virtues_module(path: str | os.PathLike, trust: bool = False) -> VirTuesModule:
+    """A :class:`VirTuesModule` from a Lightning checkpoint of either hyper-parameter layout.
+
+    The file is read by the project's safe loader (no code from the file runs unless ``trust``).
+    ``marker_table_dir`` and ``pretrained_weights`` are not followed: they name files of the
+    training machine, and the state dict (loaded strictly) holds every weight. The marker table
+    stored beside the weights is installed. The module is returned in training mode, as
+    Lightning's ``load_from_checkpoint`` does; call ``.eval()`` for inference.
+
+    Raises:
+        ModelFileError: not a VirTues Lightning checkpoint, unknown hyper-parameters, or weights
+            that do not match the stored architecture.
+    """
+    raw = load_torch_file(path, trust=trust, mmap=True)
+    require_kind(path, raw, ("virtues",), "load_virtues_module")
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("state_dict"), Mapping):
+        raise ModelFileError(f"{path}: not a Lightning checkpoint of VirTuesModule (no 'state_dict'); official "
+                             "weights load with VirTues.from_pretrained")
+    hparams = current_hparams(raw.get("hyper_parameters") or {})
+    unknown = sorted(set(hparams) - set(inspect.signature(VirTuesModule).parameters))
+    if unknown:
+        raise ModelFileError(f"{path}: unknown VirTuesModule hyper-parameters {unknown}")
+    hparams.update(marker_table_dir=None, pretrained_weights=None)
+    try:
+        module = VirTuesModule(**hparams)
+        module.load_state_dict(dict(raw["state_dict"]), strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: the checkpoint does not build a VirTuesModule: {e}") from None
+    module.on_load_checkpoint(raw)
+    return module

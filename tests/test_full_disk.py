@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from datamodules.ingest import main as ingest_main
+from experiments.data_ingest import main as ingest_main
 from datamodules.store import DatasetStore, DatasetWriter
 
 

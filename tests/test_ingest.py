@@ -326,7 +326,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     tifffile.imwrite(cyx, _tissue_image(5, 30, 30, np.float32))
     four = _channels_csv(tmp_path / "four.csv", {n: None for n in ["H3", "CD99", "PIN", "CD8a"]})
     proc = subprocess.run(
-        [sys.executable, "-m", "datamodules.ingest", "--image", str(cyx), "--modality", "imc", "--dataset", "d",
+        [sys.executable, "-m", "experiments.data_ingest", "--image", str(cyx), "--modality", "imc", "--dataset", "d",
          "--tissue-id", "t", "--out", str(tmp_path / "out"), "--channels", str(four)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

@@ -14,14 +14,11 @@ from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from torchvision.transforms.functional import normalize as tv_normalize
 
 from datamodules import preprocess as pp
-from datamodules.preprocess import (
-    HENormalize,
-    MultiplexPreprocessor,
+from datamodules.preprocess import HENormalize, MultiplexPreprocessor, gaussian_blur, otsu_tissue_mask
+from datamodules.statistics import (
     compute_and_store_statistics,
     dataset_mean_std,
-    gaussian_blur,
     load_statistics,
-    otsu_tissue_mask,
     upper_quantiles,
     upper_quantiles_streaming,
 )

@@ -162,7 +162,7 @@ def test_real_example_opens(imc_example: Path) -> None:
 
 
 def test_info_cli_on_real_example(imc_example: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "datamodules.store", "info", str(imc_example)],
+    result = subprocess.run([sys.executable, "-m", "experiments.data_info", str(imc_example)],
                             capture_output=True, text=True, cwd=REPO, env={"COLUMNS": "200", "PATH": ""})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout

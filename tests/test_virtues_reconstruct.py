@@ -305,7 +305,7 @@ def test_cli_zero_shot_marks_unseen_and_reports_skipped(synthetic_dataset: Path,
 def test_mibi_field_of_view_end_to_end(synthetic_dataset: Path, partial_checkpoint, tmp_path: Path) -> None:
     """The real MIBI DCIS field of view (41 one-marker TIFFs): ingest, then evaluate a checkpoint
     pretrained on (synthetic) IMC; markers without an embedding are reported."""
-    from datamodules.ingest import main as ingest_main
+    from experiments.data_ingest import main as ingest_main
     from experiments.virtues_reconstruct import main
 
     folder = shared_data("mibi_dcis") / "Point2203_pt1072_31606"

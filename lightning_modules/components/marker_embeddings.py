@@ -10,7 +10,7 @@ Computing new embeddings (``compute_esm_embeddings`` / the CLI) needs ``fair-esm
 
 CLI::
 
-    python -m experiments.marker_embeddings \\
+    python -m experiments.data_embeddings \\
         --fasta markers.fasta --weights esm2_t30_150M_UR50D.pt --out marker_embeddings/
 """
 
@@ -63,7 +63,7 @@ def load_marker_embeddings(
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} marker embedding(s) missing in {folder}: {missing}. "
-            "Compute them with `python -m experiments.marker_embeddings "
+            "Compute them with `python -m experiments.data_embeddings "
             "--fasta F --weights W --out DIR` or copy the <UniProtID>.pt files there."
         )
     rows: list[Tensor] = []

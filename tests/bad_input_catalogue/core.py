@@ -309,7 +309,7 @@ CASES: list[Case] = [
          lambda ctx: case_missing_split_column(ctx.tmp), r"tissues\.parquet.*'split'", kind="library", exception=StoreError),
     Case("no_tissue_pixels", "datamodule", "every tissue mask of a split is empty", "recompute tissue masks or lower min_tissue_fraction",
          lambda ctx: case_no_tissue_pixels(ctx.tmp), r"(?i)tissue mask", kind="library", exception=StoreError),
-    Case("marker_without_embedding", "model", "a marker's UniProt id has no embedding file", "compute it with experiments.marker_embeddings",
+    Case("marker_without_embedding", "model", "a marker's UniProt id has no embedding file", "compute it with experiments.data_embeddings",
          lambda ctx: case_marker_without_embedding(ctx.tmp), r"Q99999", kind="library", exception=Exception),
     Case("he_not_on_codex_grid", "datamodule", "H&E and CODEX of a tissue differ in size", "co-register (ingest --register-to-dapi)",
          lambda ctx: case_he_not_on_codex_grid(ctx.tmp), r"co-register", kind="library", exception=StoreError),

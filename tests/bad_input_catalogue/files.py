@@ -14,7 +14,7 @@ import numpy as np
 import tifffile
 
 from datamodules import layout
-from datamodules.ingest import main as ingest_main
+from experiments.data_ingest import main as ingest_main
 from datamodules.store import DatasetStore, StoreError
 from experiments.rosie_predict import main as predict_main
 

@@ -132,7 +132,7 @@ def case_pickle_virtues_pretrain_resume(ctx: Ctx) -> int:
 
 
 def case_pickle_esm_weights(ctx: Ctx) -> int:
-    from experiments.marker_embeddings import main
+    from experiments.data_embeddings import main
 
     fasta = ctx.tmp / "f.fasta"
     fasta.write_text(">sp|P01730|CD4\nMNRGV\n")
@@ -141,7 +141,7 @@ def case_pickle_esm_weights(ctx: Ctx) -> int:
 
 def case_pickle_marker_embedding_ingest(ctx: Ctx) -> int:
     """A bare code-running object (not even a checkpoint dict) as a marker embedding file."""
-    from datamodules.ingest import main
+    from experiments.data_ingest import main
 
     folder = _evil(ctx, "P08575.pt", wrap="object", folder="emb").parent
     return main(_ingest_argv(ctx, "t0", folder, {"A": "P08575", "B": None, "C": None}))
@@ -184,7 +184,7 @@ def case_empty_checkpoint_predict(ctx: Ctx) -> int:
 
 
 def case_embedding_wrong_dimension_ingest(ctx: Ctx) -> int:
-    from datamodules.ingest import main
+    from experiments.data_ingest import main
 
     channels = {"A": "P08575", "B": "P01730", "C": None}
     first = ctx.tmp / "emb640"

@@ -9,7 +9,7 @@ import pandas as pd
 import tifffile
 
 from datamodules import synthetic
-from datamodules.ingest import main as ingest_main
+from experiments.data_ingest import main as ingest_main
 from datamodules.provenance import PREDICTION
 from datamodules.store import DatasetWriter
 from experiments.rosie_predict import main as predict_main

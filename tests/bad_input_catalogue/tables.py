@@ -9,11 +9,11 @@ import pandas as pd
 import torch
 
 from datamodules import layout
-from datamodules.ingest import main as ingest_main
+from experiments.data_ingest import main as ingest_main
 from datamodules.rosie import RosieDataModule
 from datamodules.store import DatasetStore, StoreError
-from datamodules.store import main as store_main
 from experiments.cli import run_cli
+from experiments.data_info import main as info_main
 from experiments.rosie_train import main as rosie_train_main
 from experiments.virtues_pretrain import main as virtues_pretrain_main
 from experiments.virtues_tokens import main as tokens_main
@@ -120,11 +120,11 @@ def training_data_missing(ctx: Ctx) -> int:
 
 
 def info_missing_dataset(ctx: Ctx) -> int:
-    return store_main(["info", str(ctx.tmp / "no_such_dataset")])
+    return info_main([str(ctx.tmp / "no_such_dataset")])
 
 
 def info_json_missing_dataset(ctx: Ctx) -> int:
-    return store_main(["info", "--json", str(ctx.tmp / "no_such_dataset")])
+    return info_main(["--json", str(ctx.tmp / "no_such_dataset")])
 
 
 def tokens_unknown_modality(ctx: Ctx) -> int:

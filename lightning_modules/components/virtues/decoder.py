@@ -12,34 +12,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .blocks import VirTuesBlock, init_linear_xavier, parse_pattern
+from .blocks import VirTuesBlock, init_linear_xavier
+from .config import VirTuesArch
 
 
 class VirTuesDecoder(nn.Module):
-    """Names follow the official ``MultiplexVirtuesDecoder`` (``decoder.*`` keys)."""
+    """Names follow the official ``MultiplexVirtuesDecoder`` (``decoder.*`` keys).
 
-    def __init__(
-        self,
-        d_model: int = 512,
-        num_heads: int = 8,
-        ffn_dim: int = 1024,
-        pattern: str = "ffff",
-        patch_size: int = 8,
-        dropout: float = 0.0,
-        layernorm_eps: float = 1e-5,
-        rope_max_positions: int = 1200,
-        rope_base: float = 10000.0,
-    ) -> None:
+    Reads the ``decoder_*`` settings and the shared sizes of ``arch`` (validated there)."""
+
+    def __init__(self, arch: VirTuesArch = VirTuesArch()) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.pattern = "".join(parse_pattern(pattern, "f", "decoder"))
+        self.patch_size = arch.patch_size
+        self.pattern = arch.decoder_pattern
+        d = arch.d_model
         # registration order = official state_dict order
-        self.multiplex_decoder_mlp = nn.Sequential(nn.Linear(d_model, patch_size * patch_size))
+        self.multiplex_decoder_mlp = nn.Sequential(nn.Linear(d, arch.patch_size * arch.patch_size))
         self.decoder = nn.ModuleList(
-            VirTuesBlock(k, d_model, num_heads, ffn_dim, dropout, layernorm_eps, rope_max_positions, rope_base)
+            VirTuesBlock(k, d, arch.decoder_heads, arch.ffn_dim, arch.dropout, arch.layernorm_eps,
+                         arch.rope_table_positions, arch.rope_base)
             for k in self.pattern
         )
-        self.layer_norm = nn.LayerNorm(d_model, eps=layernorm_eps)
+        self.layer_norm = nn.LayerNorm(d, eps=arch.layernorm_eps)
         init_linear_xavier(self)
 
     def forward(self, patch_summary: Tensor, channel_tokens: Tensor, sample_of_channel: Tensor) -> Tensor:

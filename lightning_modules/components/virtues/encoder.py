@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import PackedSegments
-from .blocks import VirTuesBlock, init_linear_xavier, parse_pattern
+from .blocks import VirTuesBlock, init_linear_xavier
+from .config import VirTuesArch
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -113,37 +114,29 @@ class EncoderOutput:
 
 
 class VirTuesEncoder(nn.Module):
-    """Names follow the official ``MultiplexVirtuesEncoder`` (``encoder.*`` keys)."""
+    """Names follow the official ``MultiplexVirtuesEncoder`` (``encoder.*`` keys).
 
-    def __init__(
-        self,
-        d_model: int = 512,
-        num_heads: int = 8,
-        ffn_dim: int = 1024,
-        pattern: str = "hvhvhvhvhvhvhvhv",
-        patch_size: int = 8,
-        esm_dim: int = 640,
-        dropout: float = 0.0,
-        layernorm_eps: float = 1e-5,
-        rope_max_positions: int = 1200,
-        rope_base: float = 10000.0,
-    ) -> None:
+    Reads the ``encoder_*`` settings and the shared sizes of ``arch`` (validated there)."""
+
+    def __init__(self, arch: VirTuesArch = VirTuesArch()) -> None:
         super().__init__()
-        self.d_model = d_model
-        self.patch_size = patch_size
-        self.esm_dim = esm_dim
-        self.pattern = "".join(parse_pattern(pattern, "hvf", "encoder"))
-        self.patch_summary_token = nn.Parameter(torch.randn(d_model) / d_model**0.5)
-        self.masked_token = nn.Parameter(torch.randn(d_model) / d_model**0.5)
-        self.patch_encoder = nn.Linear(patch_size * patch_size, d_model)
-        self.prior_embedding_encoder = nn.Linear(esm_dim, d_model)
-        self.layer_norm = nn.LayerNorm(d_model, eps=layernorm_eps)
+        self.d_model = arch.d_model
+        self.patch_size = arch.patch_size
+        self.esm_dim = arch.esm_dim
+        self.pattern = arch.encoder_pattern
+        d = arch.d_model
+        self.patch_summary_token = nn.Parameter(torch.randn(d) / d**0.5)
+        self.masked_token = nn.Parameter(torch.randn(d) / d**0.5)
+        self.patch_encoder = nn.Linear(arch.patch_size * arch.patch_size, d)
+        self.prior_embedding_encoder = nn.Linear(arch.esm_dim, d)
+        self.layer_norm = nn.LayerNorm(d, eps=arch.layernorm_eps)
         self.encoder = nn.ModuleList(
-            VirTuesBlock(k, d_model, num_heads, ffn_dim, dropout, layernorm_eps, rope_max_positions, rope_base)
+            VirTuesBlock(k, d, arch.encoder_heads, arch.ffn_dim, arch.dropout, arch.layernorm_eps,
+                         arch.rope_table_positions, arch.rope_base)
             for k in self.pattern
         )
         # Frozen ESM-2 table (N_markers, esm_dim): a fixed input, not a weight -> not saved.
-        self.register_buffer("prior_bias_embeddings", torch.zeros(0, esm_dim), persistent=False)
+        self.register_buffer("prior_bias_embeddings", torch.zeros(0, arch.esm_dim), persistent=False)
         init_linear_xavier(self)
 
     def marker_projection(self, marker_ids: Tensor) -> Tensor:

@@ -11,68 +11,19 @@ State-dict keys equal the official ones, so released ``model.safetensors`` files
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..model_files import ModelFileError, load_torch_file
 from ..marker_embeddings import load_marker_embeddings
-from .attention import BACKENDS
+from .config import VirTuesArch, read_official_config
 from .decoder import VirTuesDecoder
 from .encoder import VirTuesEncoder, unpatchify
-
-#: plain config name -> official ``MultiplexVirtues`` keyword (same map as the parity fixture's).
-OFFICIAL_CONSTRUCTOR_NAMES = {
-    "d_model": "model_dim",
-    "encoder_heads": "num_encoder_heads",
-    "decoder_heads": "num_decoder_heads",
-    "ffn_dim": "feedforward_dim",
-    "encoder_pattern": "encoder_pattern",
-    "decoder_pattern": "decoder_pattern",
-    "patch_size": "patch_size",
-    "marker_prior": "prior_bias_embedding_type",
-    "marker_fusion": "prior_bias_embedding_fusion_type",
-    "positional_embedding": "positional_embedding_type",
-    "decoder_output_hidden_layers": "num_hidden_layers",
-    "dropout": "dropout",
-    "norm_after_encoder_and_decoder": "norm_after_encoder_decoder",
-    "group_layers": "group_layers",
-    "num_registers": "num_registers",
-}
-
-# config name -> VirTues constructor argument
-_CONFIG_TO_ARG = {
-    "d_model": "d_model",
-    "encoder_heads": "encoder_heads",
-    "decoder_heads": "decoder_heads",
-    "ffn_dim": "ffn_dim",
-    "encoder_pattern": "encoder_pattern",
-    "decoder_pattern": "decoder_pattern",
-    "patch_size": "patch_size",
-    "esm_dim": "esm_dim",
-    "dropout": "dropout",
-    "layernorm_eps": "layernorm_eps",
-    "rope_base": "rope_base",
-    "rope_table_positions": "rope_max_positions",
-}
-# config name -> the only value(s) this implementation supports (the released configuration)
-_CONFIG_REQUIRED = {
-    "activation": ("gelu_exact_erf", "gelu"),
-    "marker_prior": ("esm", "esm_learnable", "one_hot"),  # all three = frozen table + Linear (official)
-    "marker_fusion": ("add",),
-    "positional_embedding": ("rope",),
-    "decoder_output_hidden_layers": (0, 1),  # official: n <= 1 -> a single Linear head
-    "norm_after_encoder_and_decoder": (True,),
-    "num_registers": (0,),
-    "group_layers": (False,),
-}
-# descriptive keys that carry no constructor information
-_CONFIG_INFO = {"head_dim", "n_markers", "mask_ratio_range", "n_parameters", "n_state_dict_entries",
-                "tolerance", "official_constructor_names"}
 
 
 class VirTuesOutput(NamedTuple):
@@ -98,56 +49,31 @@ class VirTues(nn.Module):
     """Encoder (factorized h/v attention over visible tokens) + per-channel decoder.
 
     Args:
-        d_model: token width (512 released).
-        encoder_heads, decoder_heads: attention heads (8 / 8).
-        ffn_dim: feed-forward hidden width (1024).
-        encoder_pattern: block letters, ``h`` spatial (RoPE), ``v`` marker, ``f`` full per sample.
-        decoder_pattern: decoder block letters (only ``f``).
-        patch_size: pixels per patch side (8).
-        esm_dim: marker embedding size (640, ESM-2 150M).
-        dropout: attention-probability and FFN dropout (0.0 released).
-        layernorm_eps: LayerNorm epsilon.
-        rope_base, rope_max_positions: RoPE frequency base and table length (grid positions).
-        attention_backend: packed-attention backend for the encoder (see ``attention.py``).
+        arch: every size and layout setting (:class:`VirTuesArch`, defaults = the released model).
+            Kept as ``self.arch``; ``attention_backend`` may be switched after construction
+            (benchmarks, parity tests) because it never changes the weights.
     """
 
-    def __init__(
-        self,
-        d_model: int = 512,
-        encoder_heads: int = 8,
-        decoder_heads: int = 8,
-        ffn_dim: int = 1024,
-        encoder_pattern: str = "hvhvhvhvhvhvhvhv",
-        decoder_pattern: str = "ffff",
-        patch_size: int = 8,
-        esm_dim: int = 640,
-        dropout: float = 0.0,
-        layernorm_eps: float = 1e-5,
-        rope_base: float = 10000.0,
-        rope_max_positions: int = 1200,
-        attention_backend: str = "auto",
-    ) -> None:
+    def __init__(self, arch: VirTuesArch = VirTuesArch()) -> None:
         super().__init__()
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend {attention_backend!r} not in {BACKENDS}")
-        self.config = dict(
-            d_model=d_model, encoder_heads=encoder_heads, decoder_heads=decoder_heads, ffn_dim=ffn_dim,
-            encoder_pattern=encoder_pattern, decoder_pattern=decoder_pattern, patch_size=patch_size,
-            esm_dim=esm_dim, dropout=dropout, layernorm_eps=layernorm_eps, rope_base=rope_base,
-            rope_max_positions=rope_max_positions,
-        )
-        self.patch_size = patch_size
-        self.rope_max_positions = rope_max_positions
-        self.attention_backend = attention_backend
-        self.encoder = VirTuesEncoder(
-            d_model, encoder_heads, ffn_dim, encoder_pattern, patch_size, esm_dim, dropout,
-            layernorm_eps, rope_max_positions, rope_base,
-        )
-        self.decoder = VirTuesDecoder(
-            d_model, decoder_heads, ffn_dim, decoder_pattern, patch_size, dropout, layernorm_eps,
-            rope_max_positions, rope_base,
-        )
+        self.arch = arch
+        self.encoder = VirTuesEncoder(arch)
+        self.decoder = VirTuesDecoder(arch)
         self.marker_uniprot_ids: list[str] = []
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per patch side (``arch.patch_size``); callers unpatchify with it."""
+        return self.arch.patch_size
+
+    @property
+    def attention_backend(self) -> str:
+        """The encoder's packed-attention kernel (``arch.attention_backend``); settable."""
+        return self.arch.attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self.arch = dataclasses.replace(self.arch, attention_backend=backend)  # validated like any arch
 
     # ---- marker table ------------------------------------------------------------------------
     @property
@@ -199,8 +125,8 @@ class VirTues(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
-        if max(h, w) > self.rope_max_positions:
-            raise ValueError(f"grid {h}x{w} exceeds the RoPE table ({self.rope_max_positions} positions)")
+        if max(h, w) > self.arch.rope_table_positions:
+            raise ValueError(f"grid {h}x{w} exceeds the RoPE table ({self.arch.rope_table_positions} positions)")
         counts = []
         for b, (img, ids) in enumerate(zip(images, marker_ids)):
             if img.dim() != 3 or tuple(img.shape[-2:]) != (H, W):
@@ -258,81 +184,40 @@ class VirTues(nn.Module):
         )
 
     # ---- construction from files ---------------------------------------------------------------
-    @staticmethod
-    def config_from_dict(cfg: dict[str, Any]) -> dict[str, Any]:
-        """Constructor kwargs from a plain-name config (the parity fixture's ``config.json``);
-        official ``MultiplexVirtues`` keyword names are accepted too (via
-        ``official_constructor_names``). Unsupported settings raise a clear error."""
-        official = dict(OFFICIAL_CONSTRUCTOR_NAMES)
-        official.update(cfg.get("official_constructor_names", {}) or {})
-        to_plain = {v: k for k, v in official.items()}
-        plain: dict[str, Any] = {}
-        unknown = []
-        for key, value in cfg.items():
-            known = key in _CONFIG_TO_ARG or key in _CONFIG_REQUIRED or key in _CONFIG_INFO
-            name = key if known else to_plain.get(key)
-            if name is None:
-                unknown.append(key)
-            else:
-                plain[name] = value
-        if unknown:
-            raise ValueError(
-                f"unknown VirTues config keys {unknown}; known: "
-                f"{sorted(set(_CONFIG_TO_ARG) | set(_CONFIG_REQUIRED) | set(_CONFIG_INFO) | set(to_plain))}"
-            )
-        for key, allowed in _CONFIG_REQUIRED.items():
-            if key in plain and plain[key] not in allowed:
-                raise NotImplementedError(
-                    f"config {key}={plain[key]!r} is not supported (supported: {list(allowed)})"
-                )
-        kwargs = {_CONFIG_TO_ARG[k]: v for k, v in plain.items() if k in _CONFIG_TO_ARG}
-        if "head_dim" in plain:
-            d = kwargs.get("d_model", 512)
-            for k in ("encoder_heads", "decoder_heads"):
-                heads = kwargs.get(k, 8)
-                if d // heads != plain["head_dim"] or d % heads:
-                    raise ValueError(f"config: d_model {d} / {k} {heads} != head_dim {plain['head_dim']}")
-        return kwargs
-
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> "VirTues":
-        model = cls(**{**cls.config_from_dict(cfg), **overrides})
-        expected = cfg.get("n_parameters")
-        if expected is not None:
+    def from_official_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> "VirTues":
+        """Build from a ``config.json`` (dict or path) such as ``virtues_parity_small/config.json``.
+
+        A stated ``n_parameters`` is checked against the model built, so a file that describes
+        another architecture fails here rather than at the weights."""
+        source = None
+        if isinstance(config, (str, os.PathLike)):
+            source, config = str(config), read_official_config(config)
+        try:
+            model = cls(VirTuesArch.from_official_config(config))
+            expected = config.get("n_parameters")
             n = sum(p.numel() for p in model.parameters())
-            if n != expected:
+            if expected is not None and n != expected:
                 raise ValueError(f"config says n_parameters={expected} but the model built from it has {n}")
-        return model
-
-    @classmethod
-    def from_config_json(cls, path: str | os.PathLike, **overrides: Any) -> "VirTues":
-        """Build from a JSON config such as ``virtues_parity_small/config.json``."""
-        path = Path(path)
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"VirTues config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_config(cfg, **overrides)
         except (ValueError, NotImplementedError) as e:
-            raise type(e)(f"{path}: {e}") from None
+            if source is None:
+                raise
+            raise type(e)(f"{source}: {e}") from None
+        return model
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        config: str | os.PathLike | dict[str, Any] | None = None,
-        **overrides: Any,
+        config: VirTuesArch | Mapping[str, Any] | str | os.PathLike | None = None,
     ) -> "VirTues":
         """Load official-layout weights strictly.
 
         Args:
             path: a ``.safetensors`` file, or a folder holding ``model.safetensors`` (and
                 optionally ``config.json``).
-            config: a config dict or JSON path; default = ``config.json`` next to the weights if
-                present, else the released architecture.
+            config: the architecture (a :class:`VirTuesArch`), or a ``config.json`` dict or path;
+                default = ``config.json`` next to the weights if present, else the released model.
 
         Raises:
             ValueError: listing missing keys, unexpected keys and shape mismatches.
@@ -351,12 +236,8 @@ class VirTues(nn.Module):
             raise FileNotFoundError(f"weights file not found: {weights}")
         if config is None:
             candidate = weights.parent / "config.json"
-            config = candidate if candidate.is_file() else {}
-        model = (
-            cls.from_config_json(config, **overrides)
-            if isinstance(config, (str, os.PathLike))
-            else cls.from_config(config, **overrides)
-        )
+            config = candidate if candidate.is_file() else VirTuesArch()
+        model = cls(config) if isinstance(config, VirTuesArch) else cls.from_official_config(config)
         state = load_torch_file(weights, what="VirTues weights")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
             raise ModelFileError(f"{weights}: this is a Lightning checkpoint, not official-layout weights; "
@@ -379,8 +260,8 @@ class VirTues(nn.Module):
 
             raise ValueError(
                 f"{source} does not match this VirTues configuration "
-                f"(d_model={self.config['d_model']}, encoder={self.config['encoder_pattern']!r}, "
-                f"decoder={self.config['decoder_pattern']!r}):\n"
+                f"(d_model={self.arch.d_model}, encoder={self.arch.encoder_pattern!r}, "
+                f"decoder={self.arch.decoder_pattern!r}):\n"
                 f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
                 f"  shape mismatches: {show(shapes)}\n"
                 "Pass the matching config (config.json next to the weights, or config=...)."

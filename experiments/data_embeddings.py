@@ -1,6 +1,6 @@
 """Compute ESM-2 marker embeddings (``<UniProtID>.pt`` files) from local weights; nothing is downloaded.
 
-    python -m experiments.marker_embeddings --fasta markers.fasta --weights esm2_t30_150M_UR50D.pt \
+    python -m experiments.data_embeddings --fasta markers.fasta --weights esm2_t30_150M_UR50D.pt \
         --out marker_embeddings/ [--layer 30] [--device cpu] [--overwrite] [--trust-checkpoint]
 
 The method (mean over residues of ESM-2 layer 30, BOS/EOS excluded) is
@@ -22,7 +22,7 @@ from lightning_modules.components.marker_embeddings import (ESM_LAYER, compute_e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.marker_embeddings", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.data_embeddings", description=__doc__.split("\n")[0])
     p.add_argument("--fasta", required=True, help="FASTA with one record per marker protein")
     p.add_argument("--weights", required=True, help="local ESM-2 weights (fair-esm .pt file or HF folder)")
     p.add_argument("--out", required=True, help="output folder for <UniProtID>.pt files")

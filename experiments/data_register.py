@@ -1,6 +1,6 @@
 """Register an H&E image onto the DAPI channel of its co-stained CODEX image (ROSIE Methods), as a file.
 
-    python -m experiments.register_he --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] \
+    python -m experiments.data_register --he HE.tif --dapi CODEX.ome.tif [--dapi-channel DAPI] \
         --out HE_registered.ome.tif [--max-side 2048] [--overwrite]
 
 Writes the H&E warped into the DAPI pixel grid (white outside the H&E) and prints the transform
@@ -27,7 +27,7 @@ from datamodules.registration import find_dapi_channel, register_he_to_dapi, war
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.register_he", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.data_register", description=__doc__.split("\n")[0])
     p.add_argument("--he", required=True, help="H&E image (RGB TIFF/PNG)")
     p.add_argument("--dapi", required=True, help="CODEX OME-TIFF (or a single-channel DAPI TIFF)")
     p.add_argument("--dapi-channel", help="channel name in the CODEX OME-TIFF (default: found by name)")

@@ -1,0 +1,64 @@
+"""ROSIE whole-image inference: a sliding window over an H&E image -> a predicted multiplex image.
+
+The paper (Methods, "Sample generation") runs the patch regressor on the foreground H&E patches
+and stitches the outputs: with stride ``s`` every ``s``×``s`` block of the H&E image gets one
+prediction, made from the 128×128 patch centred on that block (``s = 8`` gives the standard
+8× downsampled image, ``s = 1`` one prediction per pixel). This package is that loop, written so a
+whole slide never has to be in memory and so that the GPU, not the patch bookkeeping, sets the
+speed. The command line is :mod:`experiments.rosie_predict`.
+
+Reading, predicting and writing are separate modules, each explaining its own policy:
+
+* :mod:`.he_input` — H&E files and arrays behind one lazy ``read`` interface, refused with a fix
+  when ROSIE cannot use them; :mod:`.dataset_inputs` — what a dataset folder (masks, tissues
+  row, channel table) and the training set (H&E histograms) lend to a prediction.
+* :mod:`.predictor` — the network behind one call (checkpoint loading, input convention).
+* :mod:`.geometry` — the stride grid, the patch of each block, the foreground policy.
+* :mod:`.tiles` — the sliding window itself, tile by tile (padding and streaming policies).
+* :mod:`.blend` — the optional Gaussian blend to native resolution.
+* :mod:`.accumulators` — consumers of tiles: QC sample, H&E histogram, per-cell sums.
+* :mod:`.in_memory` — :func:`predict_image`, the whole result as arrays (small images).
+* :mod:`.options`, :mod:`.outputs`, :mod:`.records`, :mod:`.dataset_prediction` — streaming into a
+  dataset folder: run settings, output files, per-tissue completion records and their merge, and
+  :func:`predict_to_dataset`, which ties them together.
+
+``from lightning_modules import rosie_inference as ri`` gives every public name below.
+"""
+
+from __future__ import annotations
+
+from datamodules.markers import ROSIE_PANEL  # the default marker names of a checkpoint that names none
+from lightning_modules.rosie_inference.accumulators import CellAccumulator, QCSample, he_histogram_counts
+from lightning_modules.rosie_inference.blend import blend_region
+from lightning_modules.rosie_inference.dataset_inputs import (load_reference_hists, store_channel_table,
+                                                              store_tissue_inputs)
+from lightning_modules.rosie_inference.dataset_prediction import check_prediction_target, predict_to_dataset
+from lightning_modules.rosie_inference.geometry import (MAX_STRIDE, PATCH_SIZE, check_stride, foreground_grid,
+                                                        he_thumbnail, output_shape, patch_origin)
+from lightning_modules.rosie_inference.he_input import (ArrayHE, HEInputError, as_he_image, check_he, check_store_he,
+                                                        open_he_image)
+from lightning_modules.rosie_inference.in_memory import Prediction, predict_image
+from lightning_modules.rosie_inference.options import PredictOptions
+from lightning_modules.rosie_inference.outputs import (CHUNK, PREDICTED_MODALITY, create_zarr_image, fsspec_root,
+                                                       local_output, open_zarr_image, write_ome_tiff)
+from lightning_modules.rosie_inference.predictor import PatchPredictor, resolve_device
+from lightning_modules.rosie_inference.records import (RECORDS_DIR, is_complete, merge_records, read_record,
+                                                       record_path, write_record)
+from lightning_modules.rosie_inference.tiles import DEFAULT_TILE, WHITE, RunStats, TileResult, iter_predictions, tile_grid
+
+__all__ = [
+    # H&E input
+    "ArrayHE", "HEInputError", "as_he_image", "check_he", "check_store_he", "open_he_image",
+    "load_reference_hists", "store_channel_table", "store_tissue_inputs",
+    # model
+    "PatchPredictor", "ROSIE_PANEL", "resolve_device",
+    # geometry, foreground
+    "MAX_STRIDE", "PATCH_SIZE", "check_stride", "foreground_grid", "he_thumbnail", "output_shape", "patch_origin",
+    # tiled prediction, blend, tile consumers
+    "DEFAULT_TILE", "WHITE", "RunStats", "TileResult", "iter_predictions", "tile_grid", "blend_region",
+    "CellAccumulator", "QCSample", "he_histogram_counts", "Prediction", "predict_image",
+    # outputs
+    "CHUNK", "PREDICTED_MODALITY", "PredictOptions", "RECORDS_DIR", "check_prediction_target", "create_zarr_image",
+    "fsspec_root", "is_complete", "local_output", "merge_records", "open_zarr_image", "predict_to_dataset",
+    "read_record", "record_path", "write_ome_tiff", "write_record",
+]

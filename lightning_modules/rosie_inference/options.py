@@ -1,0 +1,27 @@
+"""Settings of one prediction run into a dataset folder, shared by the writer and the rerun check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_modules.rosie_inference.tiles import DEFAULT_TILE
+
+
+@dataclasses.dataclass
+class PredictOptions:
+    """How :func:`~lightning_modules.rosie_inference.dataset_prediction.predict_to_dataset` runs.
+
+    ``stride`` and ``blend`` also decide whether an earlier output still counts as complete
+    (:func:`~lightning_modules.rosie_inference.records.is_complete`).
+    """
+
+    stride: int = 8
+    batch_size: int = 64
+    tile_size: int = DEFAULT_TILE
+    foreground: str = "otsu"  # 'otsu' | 'all' | 'store' (use the dataset's tissue mask when present, else Otsu)
+    blend: bool = False
+    blend_kernel: float | None = None
+    ome_tiff: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    qc_max_rows: int = 200_000
