@@ -34,7 +34,7 @@ test-slow: install
 
 data-synthetic: install
 	@if [ -f $(SYNTH_DIR)/.complete ]; then echo "synthetic dataset present: $(SYNTH_DIR)"; else \
-	  $(PY) -m datamodules.synthetic --out $(SYNTH_DIR) --tissues 20 --size 512 --seed 0; fi
+	  $(PY) -m experiments.data_synthetic --out $(SYNTH_DIR) --tissues 20 --size 512 --seed 0; fi
 
 exp-rosie: install data-synthetic
 	$(PY) -m experiments.rosie_experiment --config $(ROSIE_CONFIG) --data $(SYNTH_DIR)

@@ -38,7 +38,6 @@ from torch import nn
 
 from analysis.rosie_evaluation import TissuePatches
 from analysis.rosie_metrics import rgb_channels_last
-from analysis.rosie_training_metrics import masked_mse
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +194,11 @@ class MorphologyMLP(nn.Module):
         return self.net(x)
 
 
+def _masked_mse(pred: torch.Tensor, y: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    diff = torch.where(present, pred - y, torch.zeros_like(pred))
+    return diff.pow(2).sum() / present.sum().clamp(min=1)
+
+
 @dataclass
 class MorphologyBaseline:
     """Standardise patch features, fit the MLP, predict markers.
@@ -268,13 +272,13 @@ class MorphologyBaseline:
             perm = torch.randperm(len(xt), generator=gen)
             for s in range(0, len(xt), self.batch_size):
                 idx = perm[s : s + self.batch_size]
-                loss = masked_mse(self.model(xt[idx]), yt[idx], pt[idx])
+                loss = _masked_mse(self.model(xt[idx]), yt[idx], pt[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             self.model.eval()
             with torch.no_grad():
-                val = float(masked_mse(self.model(xv), yv, pv))
+                val = float(_masked_mse(self.model(xv), yv, pv))
             self.history.append({"epoch": epoch, "val_mse": val})
             if val < best:
                 best, best_state = val, copy.deepcopy(self.model.state_dict())

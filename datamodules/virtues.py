@@ -11,6 +11,10 @@ Per crop (official order): preprocess (clip at the image's 99th percentile, log1
 standardisation, 3×3 Gaussian blur) → random dihedral transform → channel dropout (keep
 ceil(C·U(0.75,1)) channels in random order) → independent masking (ratio U(0.6,1) per channel).
 
+The MAE masks are drawn here and only here (``mask_ratio``): the LightningModule trains on the
+batch's ``masks`` and refuses a batch without them, so the masks of a run do not depend on where
+the model runs and the ratio is set in one place.
+
 Datasets with different panels train together: marker ids index one shared marker table (the sorted
 union of UniProt ids with an embedding). The collate keeps ragged per-sample lists, which is what
 the packed (variable-length) attention consumes: no channel padding is ever materialised.
@@ -64,6 +68,8 @@ class VirTuesCropDataset(Dataset):
     choice of an item (crop position, dihedral transform, channel dropout, mask) is drawn from
     ``(seed, epoch, item)``, never from the global or per-worker RNG: a resumed run, any number of
     workers and any number of ranks see the same crops; validation (epoch 0) masks are fixed.
+    ``masking=False`` leaves the masks to the caller: evaluation code that scores its own mask
+    strategies (``experiments.virtues_reconstruct``); training needs ``masking=True``.
     """
 
     def __init__(self, tissues: Sequence[VirTuesTissue], crop_size: int = 128, subimage_size: int = 256,

@@ -22,10 +22,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from analysis.rosie_evaluation import METHODS
+from datamodules import layout
+from datamodules.command_errors import run_command
+from datamodules.rosie import normalize_he
+from datamodules.rosie_evaluation_data import is_patch_level_truth
+from experiments import rosie_evaluation_pipeline as pipeline
+from lightning_modules.rosie import RosieModule, load_rosie_checkpoint
 
 log = logging.getLogger("rosie_evaluate")
 
@@ -52,25 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_rosie_module(path: str | Path, trust_checkpoint: bool = False):
+def load_rosie_module(path: str | Path, trust_checkpoint: bool = False) -> RosieModule:
     """The checkpoint's RosieModule in eval mode on CPU.
 
     Read with ``weights_only=True`` unless ``trust_checkpoint`` (full unpickling runs code from the
     file). Pretrained-weight paths stored in its hparams are not re-read: the checkpoint has the weights.
     """
-    from lightning_modules.rosie import load_rosie_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return load_rosie_checkpoint(str(path), trust_checkpoint).eval()
 
 
-def rosie_predict_fn(module):
+def rosie_predict_fn(module: RosieModule) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (B,3,P,P) -> (B,M) with the project's input normalisation."""
-    import torch
-
-    from datamodules.rosie import normalize_he
 
     def predict(patches: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -81,8 +84,6 @@ def rosie_predict_fn(module):
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Numbers outside their range are refused before anything is read."""
-    from datamodules import layout
-
     if args.morphology_epochs < 1:
         raise ValueError(f"--morphology-epochs {args.morphology_epochs}: must be >= 1 (the paper trains 50)")
     if args.patch_stride < 1:
@@ -96,10 +97,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from datamodules.rosie import normalize_he
-    from datamodules.rosie_evaluation_data import is_patch_level_truth
-    from experiments import rosie_evaluation_pipeline as pipeline
-
+    """Evaluate as the arguments say (dataset or patch-level truth); the tables of the evaluation."""
     check_arguments(args)
     gradcam = {}
     if args.gradcam_ckpt:
@@ -131,8 +129,6 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.command_errors import run_command
-
     return run_command(lambda: report(args, run(args)))
 
 

@@ -1,9 +1,12 @@
 """The ROSIE evaluation end to end: read datasets, score every method, write tables and figures.
 
 Why here, in ``experiments``: an evaluation combines the two lower layers — reading the prediction
-and truth datasets (:mod:`datamodules.rosie_evaluation_data`) and the metrics, tables and figures
-computed from arrays (:mod:`analysis.rosie_evaluation`, which documents every policy) — and only
-the top layer may import both (``experiments`` -> ``datamodules`` -> ``analysis``). The CLI is
+and truth datasets (:mod:`datamodules.rosie_evaluation_data`) and the metric tables, baselines and
+figures computed from arrays (:mod:`analysis.rosie_evaluation`, which documents every policy,
+:mod:`analysis.rosie_baselines`, :mod:`analysis.rosie_figures`, :mod:`analysis.gradcam`) — and only
+the top layer may import both (``experiments`` -> ``datamodules`` -> ``analysis``). What an
+evaluation leaves behind is also decided here: the CSV tables, ``evaluation.json`` and
+``evaluate.log`` (the loggers of every layer taking part, which only this layer can name). The CLI is
 :mod:`experiments.rosie_evaluate`; :mod:`experiments.rosie_experiment` calls :func:`evaluate` after
 training. A model enters only as a callable (``predict_fn``) or an ``nn.Module`` with its input
 ``prepare`` function, given by the caller.
@@ -11,48 +14,41 @@ training. A model enters only as a callable (``predict_fn``) or an ``nn.Module``
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.outputs import atomic_output_dir
+from analysis.gradcam import gradcam_figure
+from analysis.outputs import atomic_output_dir, json_default
+from analysis.rosie_baselines import cell_morphology_predictions, he_expression_baseline, he_expression_predictions
 from analysis.rosie_evaluation import (
     IN_TISSUE_FRACTION,
     METHODS,
     MODEL_PATCH,
     EvaluationError,
-    PredictFn,
-    _check_methods,
-    _concat,
-    _log_summary,
-    _log_to,
-    _log_unmatched,
-    _percentile_figure,
-    _tables,
-    _write_json,
-    _write_outputs,
-    cell_morphology_predictions,
-    gradcam_figure,
-    he_expression_predictions,
-    plot_per_marker_methods,
-    predict_patch_mean,
+    concat_tables,
+    metric_tables,
 )
+from analysis.rosie_figures import plot_per_marker_methods, plot_per_marker_pearson, plot_rosie_percentile_samples
 from analysis.rosie_metrics import SamplePatches
+from analysis.rosie_patch_level import PredictFn, predict_patch_mean
 from datamodules import layout, rosie_evaluation_data
 from datamodules.markers import match_markers
 from datamodules.rosie_evaluation_data import (
     MODALITY,
-    _gradcam_patches,
     cell_morphology_inputs,
     load_patch_level_truth,
     load_tissue,
     match_panel,
     percentile_loader,
+    read_gradcam_patches,
     read_he,
     read_rgb_png,
 )
@@ -63,6 +59,78 @@ log = logging.getLogger(__name__)
 
 #: Loggers copied into ``evaluate.log``: the analysis layer, the dataset reading and this module.
 LOGGERS: tuple[str, ...] = ("analysis", rosie_evaluation_data.__name__, __name__)
+#: The tables written as ``<name>.csv``, in this order, when present.
+OUTPUT_TABLES: tuple[str, ...] = ("summary", "per_marker", "per_sample", "per_sample_marker", "markers", "tissues", "skipped")
+
+
+# ============================================================================================
+# Arguments, log and output files of an evaluation
+# ============================================================================================
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise EvaluationError(f"unknown method(s) {bad or methods}; choose from {list(METHODS)}")
+    return methods
+
+
+@contextlib.contextmanager
+def _log_to(path: Path, loggers: Sequence[str] = LOGGERS) -> Iterator[None]:
+    """Copy the named loggers (at INFO at least) into ``path`` while the evaluation runs."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    roots = [logging.getLogger(name) for name in dict.fromkeys(loggers)]
+    old_levels = [root.level for root in roots]
+    for root in roots:
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for root, old_level in zip(roots, old_levels):
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+        handler.close()
+
+
+def _log_unmatched(table: pd.DataFrame, what_pred: str, what_truth: str) -> None:
+    """Markers on only one side of :func:`match_panel`'s table are named in the log, never dropped silently."""
+    n = int((table["status"] == "matched").sum())
+    log.info("markers: %d matched between %s and %s", n, what_pred, what_truth)
+    nm = table.loc[table["status"] == "not_measured", "predicted_channel"].tolist()
+    npred = table.loc[table["status"] == "not_predicted", "measured_channel"].tolist()
+    if nm:
+        log.warning("%d predicted markers have no measured channel in %s (not evaluated): %s", len(nm), what_truth, ", ".join(nm))
+    if npred:
+        log.warning("%d measured markers are not predicted by %s (not evaluated): %s", len(npred), what_pred, ", ".join(npred))
+
+
+def _log_summary(summary: pd.DataFrame) -> None:
+    for _, r in summary.iterrows():
+        log.info("%-16s Pearson %.4f  Spearman %.4f  C-index %.4f  patches %d", r["method"], r["pearson_r"],
+                 r["spearman_r"], r["c_index"], int(r["n_patches"]))
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
+    tmp.replace(path)
+
+
+def _write_outputs(folder: Path, result: dict[str, pd.DataFrame]) -> None:
+    for key in OUTPUT_TABLES:
+        if key in result:
+            _write_csv(result[key], folder / f"{key}.csv")
 
 
 # ============================================================================================
@@ -97,7 +165,7 @@ def evaluate(
     """
     methods = _check_methods(methods)
     t0 = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
+    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log"):
         pred, truth = DatasetStore(str(pred_dir)), DatasetStore(str(truth_dir))
         if Path(str(pred_dir)).is_dir() and dataset_kind(pred_dir) != PREDICTION:
             raise EvaluationError(f"--pred {pred_dir}: is a measured dataset, not an output of rosie_predict; scoring "
@@ -141,14 +209,14 @@ def evaluate(
 
         parts, skipped = [], []
         if "rosie" in methods:
-            parts.append(_tables([t.sample() for t in tlist], markers, "rosie", "tissue_mask"))
+            parts.append(metric_tables([t.sample() for t in tlist], markers, "rosie", "tissue_mask"))
         if "he_expression" in methods:
             if "he" not in truth.modalities():
                 skipped.append(("he_expression", f"{truth.url} has no H&E modality"))
             else:
                 try:
                     preds = [t.sample(he_expression_predictions(read_he(truth, t.tissue_id, t.truth_mpp), t)) for t in tlist]
-                    parts.append(_tables(preds, markers, "he_expression", "tissue_mask"))
+                    parts.append(metric_tables(preds, markers, "he_expression", "tissue_mask"))
                 except StoreError as exc:
                     skipped.append(("he_expression", f"H&E not readable at the truth resolution: {exc}"))
         if "cell_morphology" in methods:
@@ -157,10 +225,10 @@ def evaluate(
                 skipped.append(("cell_morphology", reason))
             else:
                 got = cell_morphology_predictions(data, morphology_epochs, seed)
-                parts.append(_tables([t.sample(got[t.tissue_id]) for t in tlist], markers, "cell_morphology", "tissue_mask"))
+                parts.append(metric_tables([t.sample(got[t.tissue_id]) for t in tlist], markers, "cell_morphology", "tissue_mask"))
         for method, reason in skipped:
             log.warning("method %s skipped: %s", method, reason)
-        result = _concat(parts)
+        result = concat_tables(parts)
         result["markers"] = match
         result["tissues"] = pd.DataFrame([{
             "tissue_id": t.tissue_id, "split": t.split, "stride": t.stride, "pred_mpp": t.pred_mpp, "truth_mpp": t.truth_mpp,
@@ -174,16 +242,15 @@ def evaluate(
             figs.append(plot_per_marker_methods(result["per_marker"], tmp / "per_marker_pearson.png"))
             rosie_pm = result["per_marker"][result["per_marker"]["method"] == "rosie"]
             if rosie_pm["pearson_r"].notna().any():
-                from analysis.rosie_figures import plot_per_marker_pearson
-
                 figs.append(plot_per_marker_pearson(rosie_pm, tmp / "per_marker_pearson_rosie.png",
                                                     title="ROSIE Pearson R per marker"))
             if "he" in truth.modalities():
-                f = _percentile_figure(result["per_sample"], markers, percentile_loader(pred, truth, tissues, match, pred_mpp),
-                                       tmp / "predicted_vs_measured.png")
+                f = plot_rosie_percentile_samples(result["per_sample"], markers,
+                                                  percentile_loader(pred, truth, tissues, match, pred_mpp),
+                                                  tmp / "predicted_vs_measured.png")
                 figs += [f] if f else []
         if gradcam_model is not None:
-            patches = _gradcam_patches(truth, tlist, gradcam_patches, seed)
+            patches = read_gradcam_patches(truth, tlist, gradcam_patches, seed)
             cam_markers = gradcam_model_markers or markers
             f = gradcam_figure(gradcam_model, gradcam_prepare or (lambda x: x.float() / 255.0),
                                cam_markers, gradcam_markers, patches, tmp / "gradcam.png",
@@ -231,7 +298,7 @@ def evaluate_patch_level(
     gradcam_patches: int = 4,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
-    """Patch-level ground truth: predict each patch (:func:`analysis.rosie_evaluation.predict_patch_mean`),
+    """Patch-level ground truth: predict each patch (:func:`analysis.rosie_patch_level.predict_patch_mean`),
     then Pearson / Spearman across a slide's patches per marker (sample = slide), C-index across slides.
 
     No background patches exist in this layout, so nothing is excluded (the paper's background
@@ -239,7 +306,7 @@ def evaluate_patch_level(
     """
     methods = _check_methods(methods)
     t0 = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log", LOGGERS):
+    with atomic_output_dir(out_dir, overwrite, command="rosie_evaluate") as tmp, _log_to(tmp / "evaluate.log"):
         gt = load_patch_level_truth(truth_dir)
         match = match_panel(list(model_markers), gt.markers)
         _log_unmatched(match, "the model", f"the truth {truth_dir}")
@@ -259,8 +326,6 @@ def evaluate_patch_level(
                 pred = np.stack([predict_patch_mean(predict_fn, im, stride) for im in imgs])[:, mi]
                 rosie.append(SamplePatches(slide, truth, pred))
             if "he_expression" in methods:
-                from analysis.rosie_baselines import he_expression_baseline
-
                 hb = np.concatenate([he_expression_baseline(im, np.zeros((1, 2), int), len(markers), patch=min(im.shape[1:]))
                                      for im in imgs])
                 he_base.append(SamplePatches(slide, truth, hb))
@@ -272,14 +337,14 @@ def evaluate_patch_level(
 
         parts, skipped = [], []
         if rosie:
-            parts.append(_tables(rosie, markers, "rosie", None))
+            parts.append(metric_tables(rosie, markers, "rosie", None))
         if he_base:
-            parts.append(_tables(he_base, markers, "he_expression", None))
+            parts.append(metric_tables(he_base, markers, "he_expression", None))
         if "cell_morphology" in methods:
             skipped.append(("cell_morphology", "patch-level ground truth has no cell masks"))
         for method, reason in skipped:
             log.warning("method %s skipped: %s", method, reason)
-        result = _concat(parts)
+        result = concat_tables(parts)
         result["markers"] = match
         result["tissues"] = pd.DataFrame([{"tissue_id": s, "n_patches": len(v[0])} for s, v in gt.slides.items()])
         result["skipped"] = pd.DataFrame(skipped, columns=["method", "reason"])

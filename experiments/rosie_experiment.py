@@ -14,7 +14,6 @@ offline W&B run with the same tables and figures.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import shutil
@@ -26,18 +25,38 @@ import numpy as np
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
+from analysis.rosie_metrics import he_histograms
 from datamodules.command_errors import run_command
-from datamodules.store import StoreError
-from lightning_modules.components.model_files import load_torch_file
+from datamodules.store import DatasetStore
+from experiments.reporting import (
+    Curve,
+    CurvePanel,
+    checkpoint_hparams,
+    device_name,
+    format_metric,
+    held_out_tissues,
+    log_to_wandb,
+    new_run_dir,
+    plot_training_curves,
+    ranked_markers,
+    reproduce_command,
+    train_with_cli,
+    write_report,
+)
+from experiments.rosie_evaluation_pipeline import evaluate
+from experiments.rosie_predict import main as rosie_predict
+from experiments.rosie_train import main as rosie_train
 
-log = logging.getLogger("rosie_experiment")
+NAMES = {"rosie": "ROSIE", "he_expression": "H&E expression", "cell_morphology": "Cell morphology"}
+#: Training loss and the patch-level validation Pearson R that early stopping monitors.
+TRAINING_CURVES = (
+    CurvePanel("training loss (masked MSE)", (Curve("train/loss"),), log_y=True),
+    CurvePanel("validation Pearson R (patches)", (Curve("val/pearson_r", marker="o"),)),
+)
 
 
 def reference_histograms(data_dir: str, split: str = "train") -> np.ndarray:
     """256-bin H&E histograms (inside the tissue mask) of the training tissues, for the W1 QC score."""
-    from analysis.rosie_metrics import he_histograms
-    from datamodules.store import DatasetStore
-
     store = DatasetStore(data_dir)
     hists = []
     for tid in store.tissue_ids(split):
@@ -46,53 +65,9 @@ def reference_histograms(data_dir: str, split: str = "train") -> np.ndarray:
     return np.stack(hists)
 
 
-def train(config: str, data_dir: str, run_dir: Path, extra: list[str]) -> tuple[str, pd.DataFrame | None]:
-    from experiments.rosie_train import main as rosie_train
-
-    args = ["fit", "--config", config, "--data.data_dirs", f"[{data_dir}]", "--trainer.default_root_dir", str(run_dir)]
-    cli = rosie_train(args + extra)
-    ckpt = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-    if not ckpt:
-        ckpt = str(run_dir / "final.ckpt")
-        cli.trainer.save_checkpoint(ckpt)
-    best = run_dir / "model.ckpt"
-    shutil.copyfile(ckpt, best)
-    metrics = None
-    for logger in cli.trainer.loggers:
-        path = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
-        if path.exists():
-            metrics = pd.read_csv(path)
-    return str(best), metrics
-
-
-def plot_training(metrics: pd.DataFrame, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if metrics is None or "train/loss" not in metrics.columns:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss = metrics[["step", "train/loss"]].dropna()
-    axes[0].plot(loss["step"], loss["train/loss"], lw=1)
-    axes[0].set(title="training loss (masked MSE)", xlabel="step", yscale="log")
-    if "val/pearson_r" in metrics.columns:
-        val = metrics[["step", "val/pearson_r"]].dropna()
-        axes[1].plot(val["step"], val["val/pearson_r"], marker="o", lw=1)
-    axes[1].set(title="validation Pearson R (patches)", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, qc: dict, info: dict,
-                 figures: list[Path]) -> Path:
-    names = {"rosie": "ROSIE", "he_expression": "H&E expression", "cell_morphology": "Cell morphology"}
+def report_body(summary: pd.DataFrame, per_marker: pd.DataFrame, qc: dict, info: dict) -> list[str]:
+    """The ROSIE part of ``report.md``: the paper's Table 2 layout, best/least markers, per-tissue QC."""
     lines = [
-        f"# ROSIE on {info['data']} — run {run_dir.name}",
-        "",
         f"Held-out split `{info['split']}`: {info['n_tissues']} tissues, {info['n_markers']} markers, stride {info['stride']} px. "
         f"Model `{info['arch']}`, trained {info['train_minutes']:.1f} min on {info['device']}; inference {info['patches_per_s']:.0f} patches/s.",
         "",
@@ -102,42 +77,22 @@ def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame,
         "|---|---|---|---|---|",
     ]
     for row in summary.itertuples(index=False):
-        c = "n/a" if pd.isna(row.c_index) else f"{row.c_index:.3f}"
-        lines.append(f"| {names.get(row.method, row.method)} | {row.pearson_r:.3f} | {row.spearman_r:.3f} | {c} | {int(row.n_patches)} |")
+        lines.append(f"| {NAMES.get(row.method, row.method)} | {row.pearson_r:.3f} | {row.spearman_r:.3f} | "
+                     f"{format_metric(row.c_index)} | {int(row.n_patches)} |")
     lines += ["", "Metrics as in the Methods: Pearson and Spearman R across 8×8-px patches per marker and sample, "
               "averaged; C-index of per-sample 75th percentiles; patches below the 90th percentile of background noise excluded.",
               f"With {info['n_tissues']} held-out tissues the sample-level C-index rests on very few pairs: read it as indicative only.", ""]
     if "rosie" in set(per_marker.get("method", [])):
         pm = per_marker[per_marker["method"] == "rosie"].sort_values("pearson_r", ascending=False)
-        top = ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pm.head(8).itertuples())
-        low = ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pm.tail(5).itertuples())
-        lines += [f"Best-predicted markers: {top}.", "", f"Least-predicted markers: {low}.", ""]
+        lines += [f"Best-predicted markers: {ranked_markers(pm.head(8))}.", "",
+                  f"Least-predicted markers: {ranked_markers(pm.tail(5))}.", ""]
     if qc:
         lines += ["## Quality control", "", "| tissue | mean dynamic range (p99−p1) | W1 to training H&E |", "|---|---|---|"]
         for tid, q in qc.items():
             w1 = q.get("w1_distance")
             lines.append(f"| {tid} | {q.get('mean_dynamic_range', float('nan')):.3f} | {'n/a' if w1 is None else f'{w1:.4f}'} |")
         lines.append("")
-    lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in figures] + [""]
-    lines += ["## Reproduce", "", "```", info["command"], "```", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def log_to_wandb(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, figures: list[Path]) -> None:
-    try:
-        import wandb
-
-        run = wandb.init(project="virtuplex-rosie", name=f"{run_dir.name}-eval", dir=str(run_dir), mode="offline",
-                         job_type="evaluation", reinit=True)
-        run.log({"summary": wandb.Table(dataframe=summary), "per_marker": wandb.Table(dataframe=per_marker)})
-        run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
-        for row in summary.itertuples(index=False):
-            run.summary[f"{row.method}/pearson_r"] = row.pearson_r
-        run.finish()
-    except Exception as exc:  # the report is the deliverable; W&B is a mirror of it
-        log.warning("W&B logging skipped: %s", exc)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,24 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-
-    from experiments.rosie_evaluation_pipeline import evaluate
-    from datamodules.store import DatasetStore
-    from experiments.rosie_predict import main as rosie_predict
-
-    run_dir = Path(args.out or f"runs/rosie/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store = DatasetStore(args.data)
-    held_out = store.tissue_ids(args.split)
-    if not held_out:
-        raise StoreError(f"{args.data}: no tissue in split {args.split!r}")
+    """Train (unless ``--ckpt``), predict the held-out tissues, evaluate them, write the report."""
+    run_dir = new_run_dir(args.out, "rosie")
+    held_out = held_out_tissues(args.data, args.split)
 
     t0 = time.perf_counter()
     metrics = None
     if args.ckpt:
         ckpt = args.ckpt
     else:
-        ckpt, metrics = train(args.config, args.data, run_dir, args.trainer_arg)
+        trained = train_with_cli(rosie_train, args.config, args.data, run_dir, args.trainer_arg, keep="best")
+        ckpt, metrics = trained.checkpoint, trained.metrics
     train_minutes = (time.perf_counter() - t0) / 60
 
     ref = run_dir / "reference_he_histograms.npy"
@@ -192,23 +140,21 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         if (eval_dir / name).exists():
             shutil.copyfile(eval_dir / name, run_dir / name)
     figures = sorted(eval_dir.glob("*.png"))
-    curve = plot_training(metrics, run_dir / "training_curves.png") if metrics is not None else None
+    curve = plot_training_curves(metrics, run_dir / "training_curves.png", TRAINING_CURVES)
     if curve:
         figures.insert(0, curve)
 
-    import torch
-
-    hp = load_torch_file(ckpt, mmap=True).get("hyper_parameters", {})
+    hp = checkpoint_hparams(ckpt)
     tissues_qc = qc.get("tissues", qc) if isinstance(qc, dict) else {}
     info = {
         "data": args.data, "split": args.split, "n_tissues": len(held_out), "n_markers": hp.get("num_markers", "?"),
         "stride": args.stride, "arch": hp.get("arch", "?"), "train_minutes": train_minutes,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "patches_per_s": _patches_per_s(tissues_qc),
-        "command": "make exp-rosie  # = python -m experiments.rosie_experiment " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": device_name(), "patches_per_s": _patches_per_s(tissues_qc),
     }
-    report = write_report(run_dir, summary, per_marker, _qc_rows(tissues_qc), info, figures)
-    log_to_wandb(run_dir, summary, per_marker, figures)
+    report = write_report(run_dir, f"ROSIE on {args.data}", report_body(summary, per_marker, _qc_rows(tissues_qc), info),
+                          figures, reproduce_command("exp-rosie", "experiments.rosie_experiment", argv))
+    log_to_wandb(run_dir, "virtuplex-rosie", f"{run_dir.name}-eval", summary, per_marker, figures,
+                 summary_key=lambda row: f"{row.method}/pearson_r")
     print(summary.to_string(index=False))
     print(f"report: {report}")
     return 0

@@ -15,78 +15,46 @@ the baselines, as in the paper's Fig. 2d; training curves; figures), `summary.cs
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
 from datamodules.command_errors import run_command
-from datamodules.store import StoreError
-from lightning_modules.components.model_files import load_torch_file
-
-log = logging.getLogger("experiments.virtues_experiment")
+from experiments.reporting import (
+    Curve,
+    CurvePanel,
+    checkpoint_hparams,
+    device_name,
+    format_metric,
+    held_out_tissues,
+    log_to_wandb,
+    new_run_dir,
+    plot_training_curves,
+    ranked_markers,
+    reproduce_command,
+    train_with_cli,
+    write_report,
+)
+from experiments.virtues_pretrain import main as virtues_pretrain
+from experiments.virtues_reconstruct import run as reconstruct
 
 NAMES = {"virtues": "VirTues", "visible_mean": "Visible-pixel mean", "most_correlated": "Most-correlated marker"}
+#: Reconstruction loss (train and val) and training throughput.
+TRAINING_CURVES = (
+    CurvePanel("MSE over all pixels (masked autoencoding)",
+               (Curve("train/loss", label="train"), Curve("val/loss", label="val", marker="o")), log_y=True, legend=True),
+    CurvePanel("throughput (crops/s)", (Curve("train/crops_per_s"),)),
+)
 
 
-def train(config: str, data_dir: str, run_dir: Path, extra: list[str]) -> tuple[str, pd.DataFrame | None, int]:
-    """Fit with the pretraining CLI; returns (checkpoint of the final weights, CSV metrics, steps)."""
-    from experiments.virtues_pretrain import main as virtues_pretrain
-
-    args = ["fit", "--config", config, "--data.data_dirs", f"[{data_dir}]", "--trainer.default_root_dir", str(run_dir)]
-    cli = virtues_pretrain(args + extra)
-    # The run is bounded by trainer.max_time and validated rarely (CPU budget): evaluate the final
-    # weights rather than the best-val-loss checkpoint, which may be an early one.
-    ckpt = run_dir / "model.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
-    metrics = None
-    for logger in cli.trainer.loggers:
-        path = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
-        if path.exists():
-            metrics = pd.read_csv(path)
-    return str(ckpt), metrics, int(cli.trainer.global_step)
-
-
-def plot_training(metrics: pd.DataFrame | None, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if metrics is None or "train/loss" not in metrics.columns:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss = metrics[["step", "train/loss"]].dropna()
-    axes[0].plot(loss["step"], loss["train/loss"], lw=1, label="train")
-    if "val/loss" in metrics.columns:
-        val = metrics[["step", "val/loss"]].dropna()
-        axes[0].plot(val["step"], val["val/loss"], marker="o", lw=1, label="val")
-    axes[0].set(title="MSE over all pixels (masked autoencoding)", xlabel="step", yscale="log")
-    axes[0].legend()
-    if "train/crops_per_s" in metrics.columns:
-        tp = metrics[["step", "train/crops_per_s"]].dropna()
-        axes[1].plot(tp["step"], tp["train/crops_per_s"], lw=1)
-    axes[1].set(title="throughput (crops/s)", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt(x: float) -> str:
-    return "n/a" if pd.isna(x) else f"{x:.3f}"
-
-
-def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, seen: pd.DataFrame, info: dict,
-                 figures: list[Path]) -> Path:
+def report_body(summary: pd.DataFrame, per_marker: pd.DataFrame, seen: pd.DataFrame | None, info: dict) -> list[str]:
+    """The VirTues part of ``report.md``: the paper's Fig. 2d layout, verdicts per masking strategy,
+    seen vs unseen markers, best/least reconstructed markers, skipped channels."""
     lines = [
-        f"# VirTues masked reconstruction on {info['data']} — run {run_dir.name}",
-        "",
         f"Held-out split `{info['split']}`: {info['n_tissues']} tissues, {info['n_crops']} crops of 128×128 px "
         f"({info['n_marker_crops']} for marker masking), {info['n_markers']} markers. Model d={info['d_model']}, "
         f"encoder `{info['encoder_pattern']}`, decoder `{info['decoder_pattern']}`; trained {info['steps']} steps in "
@@ -99,7 +67,8 @@ def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame,
         "|---|---|---|---|",
     ]
     for row in summary.itertuples(index=False):
-        lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {_fmt(row.pearson_r)} | {_fmt(row.f1)} |")
+        lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {format_metric(row.pearson_r)} | "
+                     f"{format_metric(row.f1)} |")
     lines.append("")
     verdicts = []
     for strategy, grp in summary.groupby("strategy", sort=False):
@@ -124,40 +93,18 @@ def write_report(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame,
         lines += ["## Seen vs unseen markers (zero-shot)", "", "| Masking | Method | seen | Pearson r | F1 | markers |",
                   "|---|---|---|---|---|---|"]
         for row in seen.itertuples(index=False):
-            lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {row.seen} | {_fmt(row.pearson_r)} | "
-                         f"{_fmt(row.f1)} | {row.n_markers} |")
+            lines.append(f"| {row.strategy} | {NAMES.get(row.method, row.method)} | {row.seen} | {format_metric(row.pearson_r)} | "
+                         f"{format_metric(row.f1)} | {row.n_markers} |")
         lines.append("")
     pv = per_marker[(per_marker["method"] == "virtues") & (per_marker["strategy"] == "independent")]
     if len(pv):
         pv = pv.sort_values("pearson_r", ascending=False)
-        lines += ["Best reconstructed markers (independent masking): "
-                  + ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pv.head(6).itertuples()) + ".", "",
-                  "Least reconstructed: " + ", ".join(f"{r.marker} {r.pearson_r:.2f}" for r in pv.tail(4).itertuples()) + ".", ""]
+        lines += ["Best reconstructed markers (independent masking): " + ranked_markers(pv.head(6)) + ".", "",
+                  "Least reconstructed: " + ranked_markers(pv.tail(4)) + ".", ""]
     if info.get("skipped"):
         lines += [f"Channels not evaluated (no UniProt id / embedding, see `reconstruction/skipped_markers.csv`): "
                   f"{', '.join(info['skipped'])}.", ""]
-    lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in figures] + [""]
-    lines += ["## Reproduce", "", "```", info["command"], "```", ""]
-    path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
-
-
-def log_to_wandb(run_dir: Path, summary: pd.DataFrame, per_marker: pd.DataFrame, figures: list[Path]) -> None:
-    try:
-        import wandb
-
-        run = wandb.init(project="virtuplex-virtues", name=f"{run_dir.name}-reconstruction", dir=str(run_dir),
-                         mode="offline", job_type="evaluation", reinit=True)
-        run.log({"summary": wandb.Table(dataframe=summary), "per_marker": wandb.Table(dataframe=per_marker)})
-        run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
-        for row in summary.itertuples(index=False):
-            run.summary[f"{row.strategy}/{row.method}/pearson_r"] = row.pearson_r
-        run.finish()
-    except Exception as exc:  # the report is the deliverable; W&B mirrors it
-        log.warning("W&B logging skipped: %s", exc)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,29 +126,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-
-    import torch
-
-    from datamodules.store import DatasetStore
-    from experiments.virtues_reconstruct import run as reconstruct
-
+    """Pretrain (unless ``--ckpt``), evaluate masked reconstruction on the held-out tissues, write the report."""
     t_start = time.perf_counter()
-    run_dir = Path(args.out or f"runs/virtues/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store = DatasetStore(args.data)
-    held_out = store.tissue_ids(args.split)
-    if not held_out:
-        raise StoreError(f"{args.data}: no tissue in split {args.split!r}")
+    run_dir = new_run_dir(args.out, "virtues")
+    held_out = held_out_tissues(args.data, args.split)
 
     metrics, steps = None, 0
     if args.ckpt:
         ckpt = args.ckpt
     else:
-        ckpt, metrics, steps = train(args.config, args.data, run_dir, args.trainer_arg)
+        # The run is bounded by trainer.max_time and validated rarely (CPU budget): evaluate the final
+        # weights rather than the best-val-loss checkpoint, which may be an early one.
+        trained = train_with_cli(virtues_pretrain, args.config, args.data, run_dir, args.trainer_arg, keep="final")
+        ckpt, metrics, steps = trained.checkpoint, trained.metrics, trained.steps
     train_minutes = (time.perf_counter() - t_start) / 60
 
     t_eval = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_name()
     eval_dir = run_dir / "reconstruction"
     result = reconstruct(ckpt, [args.data], eval_dir, split=args.split, modality="imc", max_crops=args.max_crops,
                          seed=args.seed, overwrite=True, device=device, marker_max_crops=args.marker_max_crops)
@@ -209,11 +150,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for name in ("summary.csv", "per_marker.csv", "summary_seen_unseen.csv"):
         shutil.copyfile(eval_dir / name, run_dir / name)
     figures = sorted(eval_dir.glob("*.png"), key=lambda p: (not p.name.startswith("pearson"), p.name))
-    curve = plot_training(metrics, run_dir / "training_curves.png")
+    curve = plot_training_curves(metrics, run_dir / "training_curves.png", TRAINING_CURVES)
     if curve:
         figures.insert(0, curve)
 
-    hp = load_torch_file(ckpt, mmap=True).get("hyper_parameters", {})
+    hp = checkpoint_hparams(ckpt)
     skipped = pd.read_csv(eval_dir / "skipped_markers.csv")
     per_marker = result.per_marker
     info = {
@@ -225,11 +166,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "steps": steps, "train_minutes": train_minutes, "eval_minutes": eval_minutes,
         "total_minutes": (time.perf_counter() - t_start) / 60, "device": device,
         "skipped": [str(m) for m in skipped["marker"]],
-        "command": "make exp-virtues  # = python -m experiments.virtues_experiment "
-        + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    report = write_report(run_dir, result.summary, per_marker, result.summary_seen_unseen, info, figures)
-    log_to_wandb(run_dir, result.summary, per_marker, figures)
+    report = write_report(run_dir, f"VirTues masked reconstruction on {args.data}",
+                          report_body(result.summary, per_marker, result.summary_seen_unseen, info), figures,
+                          reproduce_command("exp-virtues", "experiments.virtues_experiment", argv))
+    log_to_wandb(run_dir, "virtuplex-virtues", f"{run_dir.name}-reconstruction", result.summary, per_marker, figures,
+                 summary_key=lambda row: f"{row.strategy}/{row.method}/pearson_r")
     print(result.summary.to_string(index=False))
     print(f"trained {steps} steps in {train_minutes:.1f} min, evaluated in {eval_minutes:.1f} min, "
           f"total {info['total_minutes']:.1f} min")

@@ -99,7 +99,7 @@ def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_
 
             ids = sorted({u for folder in official_ids_from for u in list_marker_ids(folder)})
         return LoadedModel(model, ids, {}, str(ckpt))
-    from lightning_modules.virtues import VirTuesModule
+    from lightning_modules.virtues import load_virtues_module
 
     raw = load_torch_file(ckpt, trust=trust, mmap=True)
     kind = require_kind(ckpt, raw, ("virtues",), command)
@@ -108,8 +108,7 @@ def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_
                                   "weights as model.safetensors (+ --config)")
     # marker_table_dir / pretrained_weights may point at files of the training machine: the state dict
     # holds every weight, and the table is rebuilt below from the evaluated datasets.
-    module = VirTuesModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=not trust, marker_table_dir=None,
-                                                pretrained_weights=None)
+    module = load_virtues_module(ckpt, trust=trust)
     ids = raw.get("virtues_marker_uniprot_ids") or raw.get("hyper_parameters", {}).get("marker_uniprot_ids")
     if not ids:
         raise ReconstructionError(f"{ckpt}: the checkpoint stores no marker table order (virtues_marker_uniprot_ids); "

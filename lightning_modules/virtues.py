@@ -82,18 +82,19 @@ class VirTuesModule(L.LightningModule):
         pretrained_weights: str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(arch, Mapping):
-            arch = VirTuesArch.from_dict(arch)
+        config = VirTuesArch.from_dict(arch) if isinstance(arch, Mapping) else arch
         if wd_schedule not in ("constant", "cosine"):
             raise ValueError(f"wd_schedule must be 'constant' or 'cosine', got {wd_schedule!r}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        self.save_hyperparameters(ignore=["arch"])
-        self.hparams["arch"] = arch.to_dict()  # plain values: checkpoints load with weights_only=True
+        # save_hyperparameters records the arguments by name: `arch` as plain values, because
+        # checkpoints are read with torch.load(weights_only=True), which cannot rebuild a dataclass
+        arch = config.to_dict()
+        self.save_hyperparameters()
         if pretrained_weights:
-            self.model = VirTues.from_pretrained(pretrained_weights, config=arch)
+            self.model = VirTues.from_pretrained(pretrained_weights, config=config)
         else:
-            self.model = VirTues(arch)
+            self.model = VirTues(config)
         if marker_table_dir is not None:
             self.model.load_marker_table(marker_table_dir, marker_uniprot_ids)
             self.hparams["marker_uniprot_ids"] = list(self.model.marker_uniprot_ids)
@@ -275,10 +276,10 @@ def load_virtues_module(path: str | os.PathLike, trust: bool = False) -> VirTues
             that do not match the stored architecture.
     """
     raw = load_torch_file(path, trust=trust, mmap=True)
-    require_kind(path, raw, ("virtues",), "load_virtues_module")
     if not isinstance(raw, Mapping) or not isinstance(raw.get("state_dict"), Mapping):
         raise ModelFileError(f"{path}: not a Lightning checkpoint of VirTuesModule (no 'state_dict'); official "
                              "weights load with VirTues.from_pretrained")
+    require_kind(path, raw, ("virtues",), "load_virtues_module")
     hparams = current_hparams(raw.get("hyper_parameters") or {})
     unknown = sorted(set(hparams) - set(inspect.signature(VirTuesModule).parameters))
     if unknown:

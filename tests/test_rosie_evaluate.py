@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.rosie_evaluation import EvaluationError, detect_stride, predict_patch_mean
+from analysis.rosie_evaluation import EvaluationError, detect_stride
+from analysis.rosie_patch_level import predict_patch_mean
 from datamodules.rosie_evaluation_data import load_tissue, match_panel
 from experiments.rosie_evaluation_pipeline import evaluate
 from datamodules.sampling import block_means

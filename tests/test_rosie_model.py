@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from analysis.rosie_metrics import pearson_per_marker
+from analysis.rosie_training_metrics import MaskedPearson, masked_mse, stitched_ssim
 from lightning_modules.components.rosie_backbone import (
     OFFICIAL_PREPROCESS,
     RosieInputAdapter,
@@ -16,7 +17,7 @@ from lightning_modules.components.rosie_backbone import (
     load_official_rosie_checkpoint,
     map_torchvision_convnext_to_timm,
 )
-from lightning_modules.rosie import MaskedPearson, RosieModule, masked_mse, stitched_ssim
+from lightning_modules.rosie import RosieModule
 
 
 def test_tiny_backbone_forward_shape():

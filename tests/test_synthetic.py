@@ -18,8 +18,9 @@ from scipy.stats import spearmanr
 
 from datamodules import synthetic as S
 from datamodules.store import DatasetStore
+from experiments import data_synthetic
 
-ASSETS = Path(S.__file__).resolve().parent / "assets" / "imc_example"
+ASSETS = S.ASSETS_DIR
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -58,7 +59,7 @@ def test_simulate_tissue_is_deterministic() -> None:
     (["--tissues", "0"], ">= 1"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    assert S.main(["--out", str(tmp_path / "x"), *argv]) == 2
+    assert data_synthetic.main(["--out", str(tmp_path / "x"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -66,7 +67,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_existing_output_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ds"
     out.mkdir()
-    assert S.main(["--out", str(out), "--tissues", "1", "--size", "128"]) == 2
+    assert data_synthetic.main(["--out", str(out), "--tissues", "1", "--size", "128"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="overwrite"):
         S.generate_dataset(out, 1, 128, 0, progress=False)

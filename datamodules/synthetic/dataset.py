@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from datamodules.preprocess import RunningMoments, clip_log1p, upper_quantiles
+from datamodules.preprocess import clip_log1p
 from datamodules.provenance import read_manifest
+from datamodules.statistics import RunningMoments, upper_quantiles
 from datamodules.store import DatasetWriter
 from datamodules.synthetic.panels import (
     ASSETS_DIR,
@@ -85,7 +86,7 @@ class StandardizationAccumulator:
     """Per-image 99th percentiles + pooled clip/log1p moments, fed one tissue at a time.
 
     Why incremental: the images of a large dataset do not fit in memory together, and the
-    statistics must be the ones `datamodules.preprocess` computes for an ingested dataset.
+    statistics must be the ones `datamodules.statistics` computes for an ingested dataset.
     """
 
     def __init__(self, channel_names: Sequence[str]):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from datamodules import synthetic
+from experiments import data_synthetic as synthetic
 from experiments.data_ingest import main as ingest_main
 from datamodules.provenance import PREDICTION
 from datamodules.store import DatasetWriter
