@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from skimage.measure import regionprops
 from torch import nn
 
 from analysis.rosie_evaluation import TissuePatches
@@ -117,8 +118,6 @@ def cell_features(cell_mask: np.ndarray, he_image: np.ndarray | None = None) -> 
 
     Columns follow :data:`CELL_FEATURES`; without ``he_image`` the mean RGB columns are NaN.
     """
-    from skimage.measure import regionprops
-
     mask = np.asarray(cell_mask)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"cell_mask: expected a 2-D integer instance mask, got {mask.dtype} {mask.shape}")

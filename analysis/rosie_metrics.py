@@ -160,7 +160,7 @@ def c_index_per_marker(truth_q: np.ndarray, pred_q: np.ndarray) -> np.ndarray:
     "events" are observed; pairs with tied truth are not comparable, tied predictions count 1/2
     (lifelines' definition).  NaN where fewer than two samples or no comparable pair.
     """
-    from lifelines.utils import concordance_index
+    from lifelines.utils import concordance_index  # lazy: ~1-2 s to import, needed only for the C-index
 
     t, p = _as_2d("truth_q", truth_q), _as_2d("pred_q", pred_q)
     if t.shape != p.shape:

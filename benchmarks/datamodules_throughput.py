@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from datamodules.rosie import RosieDataModule
+from datamodules.virtues import VirTuesDataModule
+
 
 def _time_loader(loader, batches: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     it = iter(loader)
@@ -35,9 +38,6 @@ def _time_loader(loader, batches: int) -> tuple[float, int]:  # type: ignore[no-
 
 
 def run(data: Path, workers: list[int], batches: int, batch_size: int, cache_mb: list[float] = (512,)) -> list[dict]:
-    from datamodules.rosie import RosieDataModule
-    from datamodules.virtues import VirTuesDataModule
-
     rows = []
     for mb in cache_mb:
         for w in workers:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_modules.rosie import RosieModule
+
 REPO = Path(__file__).resolve().parents[1]
 TILE = 512
 
@@ -72,8 +74,6 @@ def write_demo_checkpoint(path: Path, marker_names: list[str] | None = None, cen
     """A randomly initialised convnext_atto RosieModule saved as Lightning would (same cost as trained)."""
     import lightning as L
     import torch
-
-    from lightning_modules.rosie import RosieModule
 
     torch.manual_seed(0)
     kwargs = {"marker_names": marker_names, "num_markers": len(marker_names)} if marker_names else {}

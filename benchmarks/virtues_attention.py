@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from lightning_modules.components.virtues import VirTues, independent_masks_for_batch
+from lightning_modules.components.virtues import VirTues, VirTuesArch, independent_masks_for_batch
 from lightning_modules.components.virtues.attention import PackedSegments, flash_available, varlen_attention
 from lightning_modules.components.virtues.encoder import EncoderLayout
 
@@ -141,8 +141,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def build(args, pattern: str, device: torch.device, backend: str = "auto") -> VirTues:
     torch.manual_seed(0)
-    m = VirTues(d_model=args.dim, encoder_heads=args.heads, decoder_heads=args.heads, ffn_dim=2 * args.dim,
-                encoder_pattern=pattern, decoder_pattern="f", attention_backend=backend).to(device)
+    arch = VirTuesArch(d_model=args.dim, encoder_heads=args.heads, decoder_heads=args.heads, ffn_dim=2 * args.dim,
+                       encoder_pattern=pattern, decoder_pattern="f", attention_backend=backend)
+    m = VirTues(arch).to(device)
     m.set_marker_table(torch.randn(args.n_table, 640), [f"M{i}" for i in range(args.n_table)])
     return m.train()
 

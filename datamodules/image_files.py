@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.limits import ImageTooLargeError, check_in_memory
+
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn")
 RECOPY = "copy or export the file again"
@@ -301,8 +303,6 @@ def _npz_mask(path: Path, what: str) -> np.ndarray:
 
 
 def _check_mask_size(path: Path, shape: Any, dtype: Any, what: str) -> None:
-    from datamodules.limits import ImageTooLargeError, check_in_memory
-
     try:
         check_in_memory(tuple(shape), dtype, str(path))
     except ImageTooLargeError as exc:

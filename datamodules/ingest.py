@@ -27,12 +27,26 @@ import pandas as pd
 
 from datamodules import layout
 from datamodules.dataset_lock import dataset_lock
+from datamodules.ingest_files import (
+    HE,
+    MODALITY_PATTERN,
+    IngestError,
+    build_channels,
+    check_finite,
+    check_mask_shape,
+    normalise_he,
+    normalise_multiplex,
+    read_any,
+    read_channel_table,
+    read_mask,
+    read_table,
+    resolve_channel_names,
+    to_instance_mask,
+)
 from datamodules.ingest_panel import embeddings_to_copy, merge_panel
-from datamodules.ingest_files import (HE, MODALITY_PATTERN, IngestError, build_channels, check_finite, check_mask_shape,
-                                      normalise_he, normalise_multiplex, read_any, read_channel_table, read_mask,
-                                      read_table, resolve_channel_names, to_instance_mask)
 from datamodules.preprocess import otsu_tissue_mask
 from datamodules.provenance import MEASURED, check_dataset_target
+from datamodules.registration import RegistrationError, find_dapi_channel, register_he_to_dapi, warp_to
 from datamodules.statistics import compute_and_store_statistics
 from datamodules.store import DatasetStore, DatasetWriter, StoreError
 
@@ -419,8 +433,6 @@ def _recompute_stats(root: str | Path, modality: str, mpp: float, tissue_id: str
 def _register_he(he: np.ndarray, store: Any, root: Path, codex_tissue: str, dapi_modality: str, dapi_channel: str | None,
                  image: Path) -> tuple[np.ndarray, float, Any]:
     """Warp the H&E (3,Y,X) into the CODEX image's pixel grid using its DAPI channel."""
-    from datamodules.registration import RegistrationError, find_dapi_channel, register_he_to_dapi, warp_to
-
     if store is None or not _modality_has_image(store, dapi_modality, codex_tissue):
         raise IngestError(root, "--register-to-dapi", f"no {dapi_modality} image of tissue {codex_tissue!r} in the dataset",
                           "ingest the CODEX image first, or fix the tissue id / --dapi-modality")

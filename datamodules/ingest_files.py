@@ -19,8 +19,18 @@ import pandas as pd
 import tifffile
 
 from datamodules import layout
-from datamodules.image_files import (RECOPY, DamagedImageError, ImageMetadataError, ome_channel_names, ome_mpp,
-                                     open_tiff, raster_properties, read_mask_file, read_raster)
+from datamodules.image_files import (
+    RECOPY,
+    DamagedImageError,
+    ImageMetadataError,
+    ome_channel_names,
+    ome_mpp,
+    open_tiff,
+    raster_properties,
+    read_mask_file,
+    read_raster,
+)
+from datamodules.limits import ImageTooLargeError, check_in_memory
 from datamodules.store import StoreError, instance_ids
 from datamodules.user_tables import TableError, parse_bool, read_user_table
 
@@ -61,13 +71,10 @@ TOO_LARGE_FIX = ("ingest reads an image whole; crop or tile it first (or raise V
 
 def check_size(path: str | Path, shape: Sequence[int], dtype: Any, what: str = "image") -> None:
     """Refuse, from the header alone, an image that would not fit in memory (see datamodules.limits)."""
-    from datamodules.limits import ImageTooLargeError, check_in_memory
-
     try:
         check_in_memory(shape, dtype, str(path))
     except ImageTooLargeError as exc:
         raise IngestError(path, "size", f"{what} {exc.describe()}", TOO_LARGE_FIX) from None
-
 
 
 def read_tiff(path: Path) -> LoadedImage:

@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.markers import ROSIE_PANEL, match_markers
+from datamodules.preprocess import otsu_tissue_mask
 from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
 from datamodules.sampling import StoreCache, block_means, no_validation_split, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
 from lightning_modules.components.rosie_backbone import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
-
 
 
 def normalize_he(patches: torch.Tensor) -> torch.Tensor:
@@ -243,8 +243,6 @@ class RosieDataModule(L.LightningDataModule):
             targets[k] = means[ci] / scales[k]
         mask = store.tissue_mask(tissue_id, he_mpp)
         if mask is None:
-            from datamodules.preprocess import otsu_tissue_mask
-
             mask = otsu_tissue_mask(he.read_all(), "he")
         frac = tissue_fraction_grid(mask, hp.block)
         blocks = np.argwhere(frac >= hp.min_tissue_fraction)

@@ -20,7 +20,7 @@ What is read here:
 * patch-level ground-truth folders (:func:`is_patch_level_truth`, :func:`load_patch_level_truth`,
   :func:`read_rgb_png`).
 
-No Lightning here: ``datamodules.store``/``sampling``/``markers`` and ``analysis`` only.
+No Lightning here: ``datamodules.store``/``sampling``/``markers``/``preprocess`` and ``analysis`` only.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from skimage.io import imread
 
 from analysis.rosie_baselines import MorphologyData, patch_morphology_features

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from analysis.outputs import check_output_folder
 from datamodules.command_errors import run_command
+from datamodules.store import DatasetStore, StoreError
 
 __all__ = ["run_command", "refuse_existing_output", "load_cell_tokens", "open_modality"]
 
@@ -40,8 +41,6 @@ def load_cell_tokens(tokens_dir: str | Path, required_columns: Sequence[str] = (
 
 def open_modality(data: str | Path, modality: str, mpp: float | None = None):  # type: ignore[no-untyped-def]
     """The dataset store and the resolution to read ``modality`` at (default: its first one)."""
-    from datamodules.store import DatasetStore, StoreError
-
     store = DatasetStore(data)
     if modality not in store.modalities():
         raise StoreError(f"{store.url}: no modality {modality!r} (has {store.modalities()}); pass --modality")

@@ -69,6 +69,7 @@ OUTPUT_TABLES: tuple[str, ...] = ("summary", "per_marker", "per_sample", "per_sa
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
+    """The requested methods without repeats; unknown ones refused before any dataset is read."""
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -110,24 +111,28 @@ def _log_unmatched(table: pd.DataFrame, what_pred: str, what_truth: str) -> None
 
 
 def _log_summary(summary: pd.DataFrame) -> None:
+    """One line per method in the log, so ``evaluate.log`` alone tells the result."""
     for _, r in summary.iterrows():
         log.info("%-16s Pearson %.4f  Spearman %.4f  C-index %.4f  patches %d", r["method"], r["pearson_r"],
                  r["spearman_r"], r["c_index"], int(r["n_patches"]))
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    """Written under a temporary name and renamed: a reader never sees half a table."""
     tmp = path.with_name(path.name + ".tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(path)
 
 
 def _write_json(obj: dict, path: Path) -> None:
+    """As :func:`_write_csv`; numpy values through the project's one JSON encoder."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=json_default))
     tmp.replace(path)
 
 
 def _write_outputs(folder: Path, result: dict[str, pd.DataFrame]) -> None:
+    """Every table of :data:`OUTPUT_TABLES` that ``result`` holds, as ``<name>.csv``."""
     for key in OUTPUT_TABLES:
         if key in result:
             _write_csv(result[key], folder / f"{key}.csv")

@@ -41,6 +41,7 @@ from experiments.reporting import (
 )
 from experiments.virtues_pretrain import main as virtues_pretrain
 from experiments.virtues_reconstruct import run as reconstruct
+from lightning_modules.virtues import current_hparams
 
 NAMES = {"virtues": "VirTues", "visible_mean": "Visible-pixel mean", "most_correlated": "Most-correlated marker"}
 #: Reconstruction loss (train and val) and training throughput.
@@ -154,15 +155,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if curve:
         figures.insert(0, curve)
 
-    hp = checkpoint_hparams(ckpt)
+    arch = current_hparams(checkpoint_hparams(ckpt)).get("arch", {})  # either checkpoint layout (flat or ``arch``)
     skipped = pd.read_csv(eval_dir / "skipped_markers.csv")
     per_marker = result.per_marker
     info = {
         "data": args.data, "split": args.split, "n_tissues": len(held_out),
         "n_crops": sum(result.settings["n_crops"].values()),
         "n_marker_crops": result.settings.get("crops_scored_per_strategy", {}).get("marker", 0),
-        "n_markers": per_marker["marker"].nunique(), "d_model": hp.get("d_model", "?"),
-        "encoder_pattern": hp.get("encoder_pattern", "?"), "decoder_pattern": hp.get("decoder_pattern", "?"),
+        "n_markers": per_marker["marker"].nunique(), "d_model": arch.get("d_model", "?"),
+        "encoder_pattern": arch.get("encoder_pattern", "?"), "decoder_pattern": arch.get("decoder_pattern", "?"),
         "steps": steps, "train_minutes": train_minutes, "eval_minutes": eval_minutes,
         "total_minutes": (time.perf_counter() - t_start) / 60, "device": device,
         "skipped": [str(m) for m in skipped["marker"]],

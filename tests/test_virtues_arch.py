@@ -38,7 +38,7 @@ def test_defaults_are_the_released_model():
 
 @pytest.mark.parametrize("change, message", [
     ({"d_model": 30}, "d_model 30 is not divisible by encoder_heads 8"),
-    ({"decoder_heads": 3, "d_model": 96, "encoder_heads": 2}, "not divisible by decoder_heads 3"),
+    ({"decoder_heads": 5, "d_model": 96, "encoder_heads": 2}, "not divisible by decoder_heads 5"),
     ({"d_model": 48, "encoder_heads": 8, "decoder_heads": 8}, "head width divisible by 4"),
     ({"encoder_pattern": "hvxv"}, r"encoder pattern 'hvxv' has unsupported letters \['x'\]"),
     ({"decoder_pattern": "fh"}, r"decoder pattern 'fh' has unsupported letters \['h'\]"),
@@ -160,7 +160,7 @@ def test_loader_errors_name_the_problem(tmp_path):
     cases = {
         "both.ckpt": ({**hp, "d_model": 32}, module.state_dict(), "both 'arch' and the old flat sizes"),
         "unknown.ckpt": ({**hp, "mystery": 1}, module.state_dict(), r"unknown VirTuesModule hyper-parameters \['mystery'\]"),
-        "bad_arch.ckpt": ({**hp, "arch": {**TINY.to_dict(), "d_model": 30}}, module.state_dict(), "not divisible"),
+        "bad_arch.ckpt": ({**hp, "arch": {**TINY.to_dict(), "d_model": 33}}, module.state_dict(), "not divisible by encoder_heads 2"),
         "weights.ckpt": ({**hp, "arch": {**TINY.to_dict(), "encoder_pattern": "hvhvhv"}}, module.state_dict(),
                          r"Missing key\(s\).*encoder\.encoder\.4"),
     }

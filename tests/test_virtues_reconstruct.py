@@ -28,8 +28,10 @@ from analysis.virtues_reconstruction import (
     write_outputs,
 )
 from datamodules.store import DatasetStore
+from lightning_modules.components.virtues import VirTues, VirTuesArch
+from lightning_modules.virtues import VirTuesModule
 
-TINY = dict(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv", decoder_pattern="f")
+TINY = VirTuesArch(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv", decoder_pattern="f")
 #: MIBI marker -> UniProt id. The first 19 have an ESM-2 file in imc_example (CD45 as the IMC
 #: panel's P08575-8, PanKRT as its panCK P02533, HLA-DR/DP/DQ as its HLA-DR alpha P01903); the others
 #: carry their real accession but no embedding, so they must be reported, not silently dropped.
@@ -102,10 +104,8 @@ def make_crops(n: int = 3, channels: int = 4, size: int = 32, dataset: str = "to
 
 def save_random_checkpoint(path: Path, uniprot_ids: list[str], embeddings: torch.Tensor) -> Path:
     """A randomly initialised tiny VirTuesModule saved by a Lightning Trainer (no training)."""
-    from lightning_modules.virtues import VirTuesModule
-
     torch.manual_seed(0)
-    module = VirTuesModule(**TINY)
+    module = VirTuesModule(TINY)
     module.set_marker_table(embeddings, uniprot_ids)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -213,10 +213,8 @@ def test_most_correlated_baseline_uses_the_partner_and_its_fit() -> None:
 
 
 def test_channel_decoding_equals_full_forward() -> None:
-    from lightning_modules.components.virtues import VirTues
-
     torch.manual_seed(0)
-    model = VirTues(**TINY).eval()
+    model = VirTues(TINY).eval()
     model.set_marker_table(torch.randn(6, 640), [f"P{i:05d}" for i in range(6)])
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(4, 32, 32, generator=g) for _ in range(3)]

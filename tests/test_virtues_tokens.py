@@ -14,10 +14,10 @@ from analysis.virtues_tokens import (
     niche_crop_corners,
     tissue_token,
 )
-from lightning_modules.components.virtues import VirTues
+from lightning_modules.components.virtues import VirTues, VirTuesArch
 from lightning_modules.virtues_tokens import ArrayReader, CropEncoder, extract_tissue_tokens, read_zero_padded
 
-TINY = dict(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv", decoder_pattern="f")
+TINY = VirTuesArch(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv", decoder_pattern="f")
 
 
 def test_cell_crop_grid_matches_the_official_rule():
@@ -83,7 +83,7 @@ def test_zero_padding_is_applied_to_raw_pixels():
 
 def test_extract_tissue_tokens_with_a_tiny_encoder():
     torch.manual_seed(0)
-    model = VirTues(**TINY)
+    model = VirTues(TINY)
     model.set_marker_table(torch.randn(5, 640), [f"P{i:05d}" for i in range(5)])
     encoder = CropEncoder(model, torch.tensor([0, 2, 4]), chunk_size=4)
     rng = np.random.default_rng(0)

@@ -93,13 +93,14 @@ class Shared:
         import torch
 
         from datamodules.store import DatasetStore
+        from lightning_modules.components.virtues import VirTuesArch
         from lightning_modules.virtues import VirTuesModule
 
         store = DatasetStore(self.dataset)
         ids = store.embedding_ids()
         torch.manual_seed(0)
-        module = VirTuesModule(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv",
-                               decoder_pattern="f")
+        module = VirTuesModule(VirTuesArch(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64,
+                                           encoder_pattern="hvhv", decoder_pattern="f"))
         module.set_marker_table(torch.stack([store.embedding(u) for u in ids]), ids)
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)

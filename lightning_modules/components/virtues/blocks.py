@@ -154,16 +154,6 @@ class VirTuesBlock(nn.Module):
         return self.encoder_layer(x, segments, grid_pos if self.uses_rope else None, backend)
 
 
-def parse_pattern(pattern: str, allowed: str, what: str) -> list[str]:
-    """Validate a block-letter pattern such as ``'hvhv'``; clear error on a bad letter."""
-    if not pattern:
-        raise ValueError(f"{what} pattern is empty")
-    bad = sorted(set(pattern) - set(allowed))
-    if bad:
-        raise ValueError(f"{what} pattern {pattern!r} has unsupported letters {bad}; allowed: {sorted(allowed)}")
-    return list(pattern)
-
-
 def init_linear_xavier(module: nn.Module) -> None:
     """Official init: xavier-normal Linear weights, zero biases."""
     for m in module.modules():
@@ -174,6 +164,5 @@ def init_linear_xavier(module: nn.Module) -> None:
 
 
 __all__ = [
-    "BLOCK_KINDS", "MultiHeadAttention", "TransformerBlock", "VirTuesBlock", "parse_pattern",
-    "init_linear_xavier",
+    "BLOCK_KINDS", "MultiHeadAttention", "TransformerBlock", "VirTuesBlock", "init_linear_xavier",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .attention import BACKENDS
-from .blocks import BLOCK_KINDS, parse_pattern
+from .blocks import BLOCK_KINDS
 
 #: Block letters each half of the model may use (``h`` spatial, ``v`` marker, ``f`` full attention).
 ENCODER_LETTERS = "hvf"
@@ -117,8 +117,8 @@ class VirTuesArch:
                      "rope_table_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VirTues arch: {name} must be at least 1, got {getattr(self, name)}")
-        parse_pattern(self.encoder_pattern, ENCODER_LETTERS, "encoder")
-        parse_pattern(self.decoder_pattern, DECODER_LETTERS, "decoder")
+        check_pattern(self.encoder_pattern, ENCODER_LETTERS, "VirTues arch: encoder")
+        check_pattern(self.decoder_pattern, DECODER_LETTERS, "VirTues arch: decoder")
         for half, heads, pattern in (("encoder", self.encoder_heads, self.encoder_pattern),
                                      ("decoder", self.decoder_heads, self.decoder_pattern)):
             if self.d_model % heads:
@@ -196,6 +196,15 @@ class VirTuesArch:
         return out
 
 
+def check_pattern(pattern: str, allowed: str, what: str) -> None:
+    """Refuse an empty block-letter pattern or one with a letter outside ``allowed``, by name."""
+    if not pattern:
+        raise ValueError(f"{what} pattern is empty")
+    bad = sorted(set(pattern) - set(allowed))
+    if bad:
+        raise ValueError(f"{what} pattern {pattern!r} has unsupported letters {bad}; allowed: {sorted(allowed)}")
+
+
 def read_official_config(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object of a ``config.json``, with errors that name the file."""
     path = Path(path)
@@ -210,5 +219,5 @@ def read_official_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-__all__ = ["VirTuesArch", "read_official_config", "OFFICIAL_CONSTRUCTOR_NAMES", "FIXED_SETTINGS",
+__all__ = ["VirTuesArch", "read_official_config", "check_pattern", "OFFICIAL_CONSTRUCTOR_NAMES", "FIXED_SETTINGS",
            "DESCRIPTIVE_KEYS", "ENCODER_LETTERS", "DECODER_LETTERS"]
