@@ -361,3 +361,12 @@ class _ChannelView:
 def load_statistics(store_root: str, modality: str, mpp: float) -> Any:
     """The stored statistics (`StandardizationStats`) or None; see :func:`compute_and_store_statistics`."""
     return DatasetStore(store_root).standardization(modality, mpp)
+
+
+def require_statistics(store: DatasetStore, modality: str, mpp: float):  # type: ignore[no-untyped-def]
+    """The stored statistics, or an error saying which command computes them."""
+    stats = store.standardization(modality, mpp)
+    if stats is None:
+        raise StoreError(f"{store.url}: no standardization statistics for {modality} at {mpp:g} µm/px; compute them with "
+                         f"`python -m experiments.data_stats {store.url} --modality {modality}`")
+    return stats

@@ -35,6 +35,7 @@ from datamodules import layout
 from datamodules.preprocess import MultiplexPreprocessor
 from datamodules.resumable import EpochSampler, ResumableDataLoader, derive_seed, split_index
 from datamodules.sampling import StoreCache, no_validation_split, read_padded, sample_subimages
+from datamodules.statistics import require_statistics
 from datamodules.store import DatasetStore, StoreError
 from lightning_modules.components.virtues.masking import channel_dropout, independent_mask
 
@@ -155,7 +156,7 @@ class MarkerTable:
                     vectors[uid] = store.embedding(uid)
         if not vectors:
             raise StoreError("no marker embeddings in any dataset (marker_embeddings/<UniProtID>.pt); "
-                             "compute them with `python -m experiments.marker_embeddings`")
+                             "compute them with `python -m experiments.data_embeddings`")
         ids = sorted(vectors)
         dims = {u: int(vectors[u].numel()) for u in ids}
         common = max(set(dims.values()), key=list(dims.values()).count)
@@ -233,10 +234,7 @@ class VirTuesDataModule(L.LightningDataModule):
         table = self.prepare_marker_table()
         image = store.image(hp.modality, tid, mpp)
         uids = store.channels(hp.modality)["uniprot_id"].to_numpy()[channel_index]
-        stats = store.standardization(hp.modality, mpp)
-        if stats is None:
-            raise StoreError(f"{store.url}: no standardization statistics for {hp.modality} at {mpp} µm/px; run "
-                             f"`python -m datamodules.preprocess stats {store.url} --modality {hp.modality}`")
+        stats = require_statistics(store, hp.modality, mpp)
         uq, means, stds = stats.for_tissue(tid, names)
         mask = store.tissue_mask(tid, mpp)
         shape = image.shape[1:]

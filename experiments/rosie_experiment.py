@@ -19,7 +19,6 @@ import logging
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

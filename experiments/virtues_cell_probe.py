@@ -22,15 +22,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.outputs import atomic_output_dir
+from analysis.virtues_probes import linear_probe, plot_per_class_f1
+from datamodules.store import DatasetStore
+from experiments.commands import load_cell_tokens, run_command
+
 log = logging.getLogger("experiments.virtues_cell_probe")
 
 
 def run(tokens_dir: str | Path, data: str | Path, out: str | Path, label: str = "cell_type", train_split: str = "train",
         test_split: str = "test", overwrite: bool = False) -> pd.DataFrame:
-    from analysis.outputs import atomic_output_dir
-    from analysis.virtues_probes import linear_probe, plot_per_class_f1
-    from datamodules.store import DatasetStore
-    from experiments.commands import load_cell_tokens
 
     cells = load_cell_tokens(tokens_dir, [label])
     split_of = DatasetStore(data).tissues().set_index("tissue_id")["split"].astype(str)
@@ -72,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from experiments.commands import run_command
 
     def body() -> None:
         summary = run(args.tokens, args.data, args.out, args.label, args.train_split, args.test_split, args.overwrite)

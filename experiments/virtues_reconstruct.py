@@ -35,19 +35,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
 from analysis.outputs import check_output_folder
 from analysis.virtues_reconstruction import (
     STRATEGIES,
-    EvalCrop,
-    MarkerVocabulary,
     ReconstructionError,
     ReconstructionResult,
     build_marker_vocabulary,
@@ -55,204 +49,13 @@ from analysis.virtues_reconstruction import (
     write_outputs,
 )
 from datamodules import layout
-from datamodules.sampling import tissue_fraction_grid
 from datamodules.command_errors import run_command
 from datamodules.store import DatasetStore, StoreError
+from datamodules.virtues_eval_crops import load_crops
+from lightning_modules.virtues_loading import available_embeddings, channel_plan, load_model, uniprot_id_or_none
 
 log = logging.getLogger("experiments.virtues_reconstruct")
 COMMAND = "virtues_reconstruct"
-
-
-# ============================================================================================
-# Model
-# ============================================================================================
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module  # VirTues
-    trained_ids: list[str] | None  # None: official weights, no stored marker order
-    data_hparams: dict
-    source: str
-
-
-def load_model(ckpt: str | Path, config: str | Path | None = None, official_ids_from: Sequence[str] = (),
-               trust: bool = False, command: str = "this command") -> LoadedModel:
-    """A Lightning checkpoint of :class:`VirTuesModule`, or official ``model.safetensors`` (+ ``config``).
-
-    Lightning checkpoints are read with ``weights_only=True`` (no code from the file runs) unless
-    ``trust``; a ROSIE checkpoint is refused by name."""
-    from lightning_modules.components.model_files import load_torch_file, require_kind
-
-    ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file")
-    if ckpt.is_dir() or ckpt.suffix == ".safetensors":
-        from lightning_modules.components.virtues import VirTues
-
-        if ckpt.suffix == ".safetensors":
-            require_kind(ckpt, {"state_dict": load_torch_file(ckpt)}, ("virtues-official", "virtues"), command)
-        model = VirTues.from_pretrained(ckpt, config=config)
-        ids = None
-        if official_ids_from:  # the official table = sorted listing of its embedding folder
-            from lightning_modules.components.marker_embeddings import list_marker_ids
-
-            ids = sorted({u for folder in official_ids_from for u in list_marker_ids(folder)})
-        return LoadedModel(model, ids, {}, str(ckpt))
-    from lightning_modules.virtues import load_virtues_module
-
-    raw = load_torch_file(ckpt, trust=trust, mmap=True)
-    kind = require_kind(ckpt, raw, ("virtues",), command)
-    if kind is None or "state_dict" not in raw:
-        raise ReconstructionError(f"{ckpt}: not a Lightning checkpoint of VirTuesModule (no 'state_dict'); pass official "
-                                  "weights as model.safetensors (+ --config)")
-    # marker_table_dir / pretrained_weights may point at files of the training machine: the state dict
-    # holds every weight, and the table is rebuilt below from the evaluated datasets.
-    module = load_virtues_module(ckpt, trust=trust)
-    ids = raw.get("virtues_marker_uniprot_ids") or raw.get("hyper_parameters", {}).get("marker_uniprot_ids")
-    if not ids:
-        raise ReconstructionError(f"{ckpt}: the checkpoint stores no marker table order (virtues_marker_uniprot_ids); "
-                                  "it was not written by VirTuesModule after the DataModule set its table")
-    return LoadedModel(module.model, list(ids), dict(raw.get("datamodule_hyper_parameters", {}) or {}), str(ckpt))
-
-
-# ============================================================================================
-# Data
-# ============================================================================================
-
-
-def available_embeddings(stores: Sequence[DatasetStore], folders: Sequence[str | Path] = ()) -> dict[str, torch.Tensor]:
-    """UniProt id -> embedding from the datasets' ``marker_embeddings`` then the extra folders (first wins)."""
-    from lightning_modules.components.marker_embeddings import load_marker_embeddings
-
-    out: dict[str, torch.Tensor] = {}
-    for store in stores:
-        for uid in store.embedding_ids():
-            out.setdefault(uid, store.embedding(uid))
-    for folder in folders:
-        table, ids = load_marker_embeddings(folder, expected_dim=None)
-        for uid, row in zip(ids, table):
-            out.setdefault(uid, row)
-    return out
-
-
-def _uid(value: Any) -> str | None:
-    return str(value) if isinstance(value, str) and layout.is_uniprot_id(value) else None
-
-
-def channel_plan(store: DatasetStore, modality: str, vocab: MarkerVocabulary) -> tuple[list[int], list[dict]]:
-    """Positions of the evaluated channels, and one skipped-marker row (with its reason) per other channel."""
-    channels = store.channels(modality)
-    keep, skipped = [], []
-    for i, row in channels.reset_index(drop=True).iterrows():
-        name, raw_uid = str(row["channel_name"]), row.get("uniprot_id")
-        uid = _uid(raw_uid)
-        reason = None
-        qc = row.get("qc_pass", True)
-        if not pd.isna(qc) and not bool(qc):
-            reason = "qc_pass is false"
-        elif uid is None:
-            reason = "no valid UniProt id in channels.parquet"
-        elif uid in vocab.missing_trained:
-            reason = "in the checkpoint's table but no embedding file was found (pass --embeddings)"
-        elif not vocab.usable(uid):
-            reason = "no marker embedding (<UniProtID>.pt) in any marker_embeddings folder"
-        if reason:
-            skipped.append({"dataset": store.name, "marker": name, "uniprot_id": None if pd.isna(raw_uid) else str(raw_uid),
-                            "reason": reason})
-        else:
-            keep.append(i)
-    return keep, skipped
-
-
-def grid_corners(shape: tuple[int, int], crop: int, mask: np.ndarray | None, min_tissue: float) -> np.ndarray:
-    """Top-left corners of the whole non-overlapping ``crop`` squares with enough tissue."""
-    H, W = shape
-    if H < crop or W < crop:
-        return np.zeros((1, 2), dtype=np.int64)  # one zero-padded crop, as the training loader does
-    ys, xs = np.meshgrid(np.arange(H // crop) * crop, np.arange(W // crop) * crop, indexing="ij")
-    corners = np.stack([ys.ravel(), xs.ravel()], 1).astype(np.int64)
-    if mask is None or min_tissue <= 0:
-        return corners
-    frac = tissue_fraction_grid(mask, crop)
-    return corners[frac.ravel() >= min_tissue]
-
-
-def load_crops(
-    store: DatasetStore,
-    name: str,
-    modality: str,
-    split: str,
-    keep: Sequence[int],
-    vocab: MarkerVocabulary,
-    max_crops: int,
-    seed: int,
-    crop_size: int = 128,
-    patch_size: int = 8,
-    blur: bool = True,
-    mpp: float | None = None,
-    min_tissue: float = 0.3,
-) -> list[EvalCrop]:
-    """Grid crops of one dataset split, preprocessed by the training dataset class."""
-    from datamodules.preprocess import MultiplexPreprocessor
-    from datamodules.virtues import VirTuesCropDataset, VirTuesTissue
-
-    mpp = mpp if mpp is not None else store.resolutions(modality)[0]
-    stats = store.standardization(modality, mpp)
-    if stats is None:
-        raise StoreError(f"{store.url}: no standardization statistics for {modality} at {mpp} µm/px; run "
-                         f"`python -m datamodules.preprocess stats {store.url} --modality {modality}`")
-    channels = store.channels(modality).reset_index(drop=True)
-    measured_table = store.channels_per_tissue(modality)
-    row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
-    candidates: list[tuple[VirTuesTissue, int]] = []
-    tissues: list[VirTuesTissue] = []
-    for tid in store.tissue_ids(split):
-        if tid not in store.image_ids(modality, mpp):
-            log.warning("%s: tissue %s (split %s) has no %s image at %g µm/px; skipped", store.url, tid, split, modality, mpp)
-            continue
-        idx = list(keep)
-        if measured_table is not None and tid in measured_table.index:
-            measured = measured_table.loc[tid]
-            unmeasured = [i for i in idx if channels.loc[i, "channel_name"] in measured.index
-                          and not bool(measured[channels.loc[i, "channel_name"]])]
-            if unmeasured:
-                log.info("%s/%s: %d channels not measured in this tissue are left out: %s", name, tid, len(unmeasured),
-                         [channels.loc[i, "channel_name"] for i in unmeasured])
-            idx = [i for i in idx if i not in set(unmeasured)]
-        if not idx:
-            continue
-        names = [str(channels.loc[i, "channel_name"]) for i in idx]
-        uids = [str(channels.loc[i, "uniprot_id"]) for i in idx]
-        image = store.image(modality, tid, mpp)
-        shape = tuple(image.shape[1:])
-        corners = grid_corners(shape, crop_size, store.tissue_mask(tid, mpp), min_tissue)
-        if not len(corners):
-            continue
-        uq, means, stds = stats.for_tissue(tid, names)
-        tissue = VirTuesTissue(store.url, modality, tid, mpp, np.array(idx, dtype=np.int64),
-                               np.array([row_of[u] for u in uids], dtype=np.int64), uq, means, stds, corners, shape)
-        tissues.append(tissue)
-        candidates += [(tissue, k) for k in range(len(corners))]
-    if not candidates:
-        return []
-    order = np.arange(len(candidates))
-    if max_crops and len(candidates) > max_crops:
-        order = np.sort(np.random.default_rng(seed).choice(len(candidates), max_crops, replace=False))
-    dataset = VirTuesCropDataset(tissues, crop_size=crop_size, subimage_size=crop_size, sampling="tiles",
-                                 patch_size=patch_size, augment=False, channel_dropout=0.0, blur=blur, masking=False)
-    position = {id(t): i for i, t in enumerate(tissues)}
-    crops = []
-    for j in order:
-        tissue, k = candidates[j]
-        t = position[id(tissue)]
-        item = dataset[int(dataset.offsets[t] + k)]
-        names = [str(channels.loc[i, "channel_name"]) for i in tissue.channel_index]
-        uids = [str(channels.loc[i, "uniprot_id"]) for i in tissue.channel_index]
-        y, x = (int(v) for v in tissue.corners[k])
-        crops.append(EvalCrop(name, tissue.tissue_id, y, x, item["image"], item["marker_ids"], names, uids,
-                              MultiplexPreprocessor(tissue.upper_q, tissue.means, tissue.stds, blur=blur)))
-    return crops
 
 
 # ============================================================================================
@@ -291,7 +94,7 @@ def run(
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    watched = [logging.getLogger(n) for n in ("analysis", "experiments")]
+    watched = [logging.getLogger(n) for n in ("analysis", "experiments", "datamodules", "lightning_modules")]
     old_levels = [lg.level for lg in watched]
     for lg in watched:
         lg.addHandler(handler)
@@ -306,7 +109,7 @@ def run(
             if modality not in s.modalities():
                 raise StoreError(f"{s.url}: no modality {modality!r} (has {s.modalities()}); pass --modality")
         available = available_embeddings(stores, embeddings)
-        needed = [u for s in stores for u in (_uid(v) for v in s.channels(modality).get("uniprot_id", [])) if u]
+        needed = [u for s in stores for u in (uniprot_id_or_none(v) for v in s.channels(modality).get("uniprot_id", [])) if u]
         vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, allow_missing_table_rows)
         if loaded.trained_ids is None and not embeddings:
             log.warning("official weights carry no marker list: every marker is counted as seen (pass --embeddings "

@@ -28,6 +28,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from rich.progress import track
+
+from analysis.outputs import atomic_output_dir
+from analysis.virtues_retrieval import (
+    TOP_K,
+    allowed_matches,
+    central_grid_corners,
+    composition_l1,
+    distance_matrix,
+    label_retrieval_table,
+    molecular_distance,
+    rank_matches,
+)
+from analysis.virtues_tokens import niche_token
+from datamodules.preprocess import MultiplexPreprocessor
+from datamodules.statistics import require_statistics
+from experiments.commands import open_modality, refuse_existing_output, run_command
+from experiments.virtues_tokens import prepare_model
+from lightning_modules.virtues_tokens import CropEncoder, read_zero_padded
 
 log = logging.getLogger("experiments.virtues_retrieval")
 
@@ -55,21 +74,12 @@ def default_label_columns(tissues: pd.DataFrame, max_classes: int = 20, max_inte
 
 def embed_tissues(store, ids: Sequence[str], args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Niche-token sets and pixel samples of the central crop grid of each tissue that has one."""
-    from analysis.virtues_retrieval import central_grid_corners
-    from analysis.virtues_tokens import niche_token
-    from datamodules.preprocess import MultiplexPreprocessor
-    from experiments.virtues_tokens import prepare_model
-    from lightning_modules.virtues_tokens import CropEncoder, read_zero_padded
-
     model, channels, marker_rows, device = prepare_model(store, args)
     encoder = CropEncoder(model, torch.tensor(marker_rows), device, chunk_size=args.batch_size)
-    stats = store.standardization(args.modality, args.mpp)
-    if stats is None:
-        raise ValueError(f"{store.url}: no standardization statistics for {args.modality}; run datamodules.preprocess stats")
+    stats = require_statistics(store, args.modality, args.mpp)
     names = [str(n) for n in store.channels(args.modality)["channel_name"].iloc[channels]]
     rng = np.random.default_rng(args.seed)
     kept, sets, pixels, excluded = [], [], [], []
-    from rich.progress import track
 
     for tid in track(ids, description="niche tokens", disable=args.no_progress):
         image = store.image(args.modality, tid, args.mpp)
@@ -108,17 +118,6 @@ def plot_distances(distances: np.ndarray, ids: Sequence[str], labels: pd.Series 
 
 
 def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
-    from analysis.outputs import atomic_output_dir
-    from analysis.virtues_retrieval import (
-        TOP_K,
-        allowed_matches,
-        composition_l1,
-        distance_matrix,
-        label_retrieval_table,
-        molecular_distance,
-        rank_matches,
-    )
-    from experiments.commands import open_modality, refuse_existing_output
 
     store, args.mpp = open_modality(args.data, args.modality, args.mpp)
     ids = store.tissue_ids(None if args.split == "all" else args.split)
@@ -189,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from experiments.commands import run_command
 
     def body() -> None:
         if args.grid < 1 or args.pixels_per_tissue < 1:

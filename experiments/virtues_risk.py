@@ -18,16 +18,17 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from analysis.outputs import atomic_output_dir
+from analysis.virtues_risk import cluster_proportions, group_tissues, plot_kaplan_meier, stratify
+from datamodules.store import DatasetStore
+from experiments.commands import load_cell_tokens, refuse_existing_output, run_command
+
 log = logging.getLogger("experiments.virtues_risk")
 
 COMMAND = "virtues_risk"
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    from analysis.outputs import atomic_output_dir
-    from analysis.virtues_risk import cluster_proportions, group_tissues, plot_kaplan_meier, stratify
-    from datamodules.store import DatasetStore
-    from experiments.commands import load_cell_tokens, refuse_existing_output
 
     refuse_existing_output(args.out, args.overwrite, COMMAND)
     tissues = DatasetStore(args.data).tissues().set_index("tissue_id")
@@ -72,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from experiments.commands import run_command
 
     def body() -> None:
         if args.clusters < 2 or args.groups < 2:

@@ -21,8 +21,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+
+from analysis.outputs import atomic_output_dir
+from datamodules.store import DatasetStore
+from datamodules.tissue_bags import TissueBags, collate_bags, load_bag
+from experiments.commands import refuse_existing_output, run_command
+from lightning_modules.abmil import AbmilModule
 
 log = logging.getLogger("experiments.virtues_tissue_classification")
 
@@ -38,13 +51,6 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 def train_abmil(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray,
                 n_classes: int, seed: int, args: argparse.Namespace) -> np.ndarray:
     """One ABMIL run; returns test-class predictions."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import EarlyStopping
-    from torch.utils.data import DataLoader
-
-    from datamodules.tissue_bags import TissueBags, collate_bags
-    from lightning_modules.abmil import AbmilModule
 
     L.seed_everything(seed, workers=True)
 
@@ -62,14 +68,6 @@ def train_abmil(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, val: n
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.preprocessing import StandardScaler
-
-    from analysis.outputs import atomic_output_dir
-    from datamodules.store import DatasetStore
-    from datamodules.tissue_bags import load_bag
-    from experiments.commands import refuse_existing_output
 
     refuse_existing_output(args.out, args.overwrite, COMMAND)
     tissues = DatasetStore(args.data).tissues()
@@ -138,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from experiments.commands import run_command
 
     def body() -> None:
         if args.seeds < 1 or not 0 < args.val_fraction < 1:

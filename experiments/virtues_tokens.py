@@ -36,9 +36,21 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from rich.progress import track
+from scipy import ndimage
+
+from analysis.outputs import claim_output_folder
+from datamodules.preprocess import MultiplexPreprocessor
+from datamodules.statistics import require_statistics
+from datamodules.store import StoreError
+from experiments.commands import open_modality, run_command
+from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
+from lightning_modules.virtues_loading import prepare_model as load_prepared_model
+from lightning_modules.virtues_tokens import CropEncoder, extract_tissue_tokens
 
 log = logging.getLogger("experiments.virtues_tokens")
 
@@ -59,25 +71,16 @@ def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
 
 def cell_mean_expression(image: np.ndarray, mask: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
     """(N, C) mean of each channel over each cell's pixels, for the ids in ``cell_ids``."""
-    from scipy import ndimage
-
     return np.stack([ndimage.mean(ch, labels=mask, index=cell_ids) for ch in image], axis=1).astype(np.float32)
 
 
 def tokens_for_tissue(store, tissue_id: str, modality: str, mpp: float, channels: list[int], marker_rows: list[int],
                       model, args: argparse.Namespace, device: torch.device) -> dict:  # type: ignore[no-untyped-def]
     """Extract and write one tissue's tokens; returns its completion record."""
-    import anndata as ad
-
-    from datamodules.preprocess import MultiplexPreprocessor
-    from lightning_modules.virtues_tokens import CropEncoder, extract_tissue_tokens
 
     t0 = time.perf_counter()
     names = [str(n) for n in store.channels(modality)["channel_name"].iloc[channels]]
-    stats = store.standardization(modality, mpp)
-    if stats is None:
-        raise ValueError(f"{store.url}: no standardization statistics for {modality} at {mpp} µm/px; run "
-                         f"`python -m datamodules.preprocess stats {store.url} --modality {modality}`")
+    stats = require_statistics(store, modality, mpp)
     preprocess = MultiplexPreprocessor.from_stats(stats, tissue_id, names, blur=args.blur)
     image = store.image(modality, tissue_id, mpp)
     cell_mask = store.cell_mask(tissue_id, mpp)
@@ -142,37 +145,18 @@ def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
 
 
 def prepare_model(store, args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], list[int], torch.device]:  # type: ignore[no-untyped-def]
-    """Checkpoint → model with the marker table rebuilt for this dataset, the usable channel positions,
-    their rows in the table, and the device (as ``experiments.virtues_reconstruct`` matches markers)."""
-    from analysis.virtues_reconstruction import build_marker_vocabulary
-    from datamodules.store import StoreError
-    from experiments.virtues_reconstruct import _uid, available_embeddings, channel_plan, load_model
-
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    loaded = load_model(args.ckpt, args.config, official_ids_from=args.embeddings, trust=args.trust_checkpoint,
-                        command=COMMAND)
-    available = available_embeddings([store], args.embeddings)
-    needed = [u for u in (_uid(v) for v in store.channels(args.modality).get("uniprot_id", [])) if u]
-    vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, False)
-    model = loaded.model.eval()
-    model.set_marker_table(vocab.embeddings, vocab.uniprot_ids)
-    channels, skipped = channel_plan(store, args.modality, vocab)
-    for row in skipped:
-        log.info("channel %s left out: %s", row["marker"], row["reason"])
-    if not channels:
-        raise StoreError(f"{store.url}: no {args.modality} channel has a usable marker embedding")
-    row_of = {u: i for i, u in enumerate(vocab.uniprot_ids)}
-    uids = [str(u) for u in store.channels(args.modality)["uniprot_id"].iloc[channels]]
-    blur = loaded.data_hparams.get("blur")
+    """The library's :func:`~lightning_modules.virtues_loading.prepare_model` for these options, with a
+    warning when the blur setting differs from the one the checkpoint trained with."""
+    prepared = load_prepared_model(store, args.modality, args.ckpt, args.config, args.embeddings,
+                                   trust=args.trust_checkpoint, device=args.device, command=COMMAND)
+    blur = prepared.data_hparams.get("blur")
     if blur is not None and bool(blur) != args.blur:
         log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
-    return model, channels, [row_of[u] for u in uids], device
+    return prepared.model, prepared.channels, prepared.marker_rows, prepared.device
 
 
 class TokenWorker:
     """The model a rank encodes with, and the device Lightning gave that rank."""
-
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model, self.device = model, device
 
@@ -210,11 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extract(args: argparse.Namespace) -> None:
     """Tokens of every pending tissue of ``args.split``, then the tissue-token table."""
-    from rich.progress import track
-
-    from analysis.outputs import claim_output_folder
-    from datamodules.store import StoreError
-    from experiments.commands import open_modality
 
     if args.batch_size < 1 or args.stride < 1 or args.pad < 0:
         raise ValueError("--batch-size and --stride must be positive and --pad non-negative")
@@ -241,14 +220,12 @@ def extract(args: argparse.Namespace) -> None:
 
         t0 = time.perf_counter()
         if distributed:
-            from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
 
             run_tissue_jobs(worker, [TissueJob("store", t) for t in todo], run_job,
                             merge=lambda: merge_tissue_tokens(out, store.tissues()),
                             accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
                             num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
         else:
-            from lightning_modules.tissue_jobs import TissueJob
 
             for tid in track(todo, description="VirTues tokens", disable=args.no_progress):
                 run_job(TissueJob("store", tid), worker)
@@ -262,7 +239,6 @@ def extract(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from experiments.commands import run_command
 
     return run_command(lambda: extract(args))
 

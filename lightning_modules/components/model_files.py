@@ -224,9 +224,10 @@ def checkpoint_kind(obj: Any) -> str | None:
         return None
     hp = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), Mapping) else {}
     if "pytorch-lightning_version" in obj or hp:
-        if "virtues_marker_uniprot_ids" in obj or "encoder_pattern" in hp or "marker_uniprot_ids" in hp:
+        if "virtues_marker_uniprot_ids" in obj or "encoder_pattern" in hp or isinstance(hp.get("arch"), Mapping) \
+                or "marker_uniprot_ids" in hp:
             return "virtues"
-        if "marker_names" in hp or "arch" in hp or "num_markers" in hp:
+        if "marker_names" in hp or isinstance(hp.get("arch"), str) or "num_markers" in hp:
             return "rosie"
         keys = list(obj.get("state_dict", {}) or {})
         return _kind_from_keys(keys, official=False)

@@ -44,7 +44,8 @@ from lightning_modules.rosie_inference.outputs import (CHUNK, PREDICTED_MODALITY
 from lightning_modules.rosie_inference.predictor import PatchPredictor, resolve_device
 from lightning_modules.rosie_inference.records import (RECORDS_DIR, is_complete, merge_records, read_record,
                                                        record_path, write_record)
-from lightning_modules.rosie_inference.tiles import DEFAULT_TILE, WHITE, RunStats, TileResult, iter_predictions, tile_grid
+from lightning_modules.rosie_inference.tiles import (DEFAULT_TILE, WHITE, RunStats, TileResult, iter_predictions,
+                                                     predict_tile, read_tile, tile_grid)
 
 __all__ = [
     # H&E input
@@ -55,7 +56,8 @@ __all__ = [
     # geometry, foreground
     "MAX_STRIDE", "PATCH_SIZE", "check_stride", "foreground_grid", "he_thumbnail", "output_shape", "patch_origin",
     # tiled prediction, blend, tile consumers
-    "DEFAULT_TILE", "WHITE", "RunStats", "TileResult", "iter_predictions", "tile_grid", "blend_region",
+    "DEFAULT_TILE", "WHITE", "RunStats", "TileResult", "iter_predictions", "predict_tile", "read_tile", "tile_grid",
+    "blend_region",
     "CellAccumulator", "QCSample", "he_histogram_counts", "Prediction", "predict_image",
     # outputs
     "CHUNK", "PREDICTED_MODALITY", "PredictOptions", "RECORDS_DIR", "check_prediction_target", "create_zarr_image",

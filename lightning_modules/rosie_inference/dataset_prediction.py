@@ -72,7 +72,8 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     blend_rel = layout.image_path(PREDICTED_MODALITY, float(mpp), tissue_id) if opt.blend else None
     for rel in filter(None, (grid_rel, blend_rel)):
         if writer.fs.exists(writer.target(rel)) and not opt.overwrite:
-            raise StoreError(f"{writer.target(rel)}: a prediction for tissue {tissue_id!r} already exists; pass --overwrite to replace it")
+            raise StoreError(f"{writer.target(rel)}: a prediction for tissue {tissue_id!r} already exists; "
+                             "pass --overwrite to replace it")
     _check_channels(writer, names)
     if cell_mask is not None and tuple(cell_mask.shape) != (h, w):
         raise ValueError(f"cell mask shape {tuple(cell_mask.shape)} disagrees with the H&E image's {(h, w)} "
@@ -105,9 +106,9 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     log.info("%s: %s", tissue_id, stats.line())
 
     final_rel = grid_rel
-    if opt.blend:
-        _write_blend(writer, grid_rel, blend_rel, fg, (M, h, w), float(mpp), names, tissue_id, stride, opt.blend_kernel)  # type: ignore[arg-type]
-        final_rel = blend_rel  # type: ignore[assignment]
+    if blend_rel is not None:  # set exactly when opt.blend
+        _write_blend(writer, grid_rel, blend_rel, fg, (M, h, w), float(mpp), names, tissue_id, stride, opt.blend_kernel)
+        final_rel = blend_rel
 
     writer.write_channels(PREDICTED_MODALITY, _channel_rows(names, channel_table))
     writer.write_tissue_mask(tissue_id, out_mpp, fg)
@@ -131,7 +132,8 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
         "throughput": stats.line(), "device": str(predictor.device), "checkpoint": predictor.meta.get("checkpoint"),
         "checkpoint_kind": predictor.meta.get("kind"), "rescaled_to_measured_units": bool(predictor.meta.get("rescaled")),
         "dynamic_range": {n: _nan_to_none(v) for n, v in zip(names, dr)},
-        "dynamic_range_of": "stride-grid predictions of the foreground blocks", "dynamic_range_sampled_every": qc_sample.step, "nonfinite_values": qc_sample.nonfinite,
+        "dynamic_range_of": "stride-grid predictions of the foreground blocks",
+        "dynamic_range_sampled_every": qc_sample.step, "nonfinite_values": qc_sample.nonfinite,
         "w1_to_training_he": _nan_to_none(w1) if w1 is not None else None,
         "he_histogram": he_hist.round(8).tolist(),
     }

@@ -3,8 +3,9 @@
 With stride ``s`` every ``s``×``s`` block of the H&E image gets one prediction, made from the
 128×128 patch centred on that block (:mod:`~lightning_modules.rosie_inference.geometry`). This is
 that loop, written so a whole slide never has to be in memory and so that the GPU, not the patch
-bookkeeping, sets the speed. It only reads and predicts: what happens to each tile's predictions
-(Zarr, QC, cell sums) is up to the consumer of :func:`iter_predictions`.
+bookkeeping, sets the speed. Reading a tile (:func:`read_tile`) and predicting it
+(:func:`predict_tile`) are separate steps; what happens to each tile's predictions (Zarr, QC,
+cell sums) is up to the consumer of :func:`iter_predictions`.
 
 Padding policy
     Pixels of a patch that fall outside the image are white (255), like background glass: border
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -75,10 +76,65 @@ def tile_grid(hout: int, wout: int, tile: int) -> list[tuple[int, int, int, int]
             for i0 in range(0, hout, tile) for j0 in range(0, wout, tile)]
 
 
+def read_tile(image: Any, fg: np.ndarray, tile: tuple[int, int, int, int], stride: int, patch_size: int,
+              want_he: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The H&E pixels one output tile needs: ``(region, he)``.
+
+    ``region`` is the white-padded ``(3, (th-1)·s + P, (tw-1)·s + P)`` window covering every patch of
+    the tile (None when the tile has no foreground block: nothing to predict); ``he`` is the tile's
+    own native pixels without the halo (for the H&E histogram), when ``want_he``.
+    """
+    i0, i1, j0, j1 = tile
+    P, s = patch_size, stride
+    _, h, w = image.shape
+    region = None
+    if fg[i0:i1, j0:j1].any():
+        region = read_padded(image, patch_origin(i0, s, P), patch_origin(j0, s, P),
+                             (i1 - i0 - 1) * s + P, (j1 - j0 - 1) * s + P, fill=WHITE)
+    he = None
+    if want_he:
+        y0, y1, x0, x1 = i0 * s, min(i1 * s, h), j0 * s, min(j1 * s, w)
+        if region is not None:  # the tile's own pixels sit inside the region, P//2 - s//2 from its corner
+            oy, ox = P // 2 - s // 2, P // 2 - s // 2
+            he = region[:, oy : oy + y1 - y0, ox : ox + x1 - x0]
+        else:
+            he = np.asarray(image.read(y0, x0, y1 - y0, x1 - x0))
+    return region, he
+
+
+def predict_tile(region: np.ndarray, tile_fg: np.ndarray, predictor: PatchPredictor, stride: int, batch_size: int,
+                 on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Predict the foreground blocks of one tile from its region: ``(pred (M, th, tw), values (K, M))``.
+
+    The region is moved to the device once and cut into patches there (``unfold`` gives a view, no
+    copy per patch); ``on_batch(n)`` is told how many patches each batch predicted (progress).
+    """
+    P, s, M = predictor.patch_size, stride, predictor.num_markers
+    device = predictor.device
+    pred = np.zeros((M,) + tile_fg.shape, dtype=np.float32)
+    ii, jj = np.nonzero(tile_fg)
+    reg = torch.from_numpy(np.ascontiguousarray(region)).to(device, non_blocking=True)
+    windows = reg.unfold(1, P, s).unfold(2, P, s).permute(1, 2, 0, 3, 4)  # (ni, nj, 3, P, P) view
+    ii_t = torch.from_numpy(ii).to(device)
+    jj_t = torch.from_numpy(jj).to(device)
+    out = torch.empty((len(ii), M), dtype=torch.float32, device=device)
+    for b in range(0, len(ii), batch_size):
+        out[b : b + batch_size] = predictor(windows[ii_t[b : b + batch_size], jj_t[b : b + batch_size]])
+        if on_batch is not None:
+            on_batch(min(batch_size, len(ii) - b))
+    values = out.cpu().numpy()
+    pred[:, ii, jj] = values.T
+    return pred, values
+
+
 def iter_predictions(image: Any, predictor: PatchPredictor, stride: int, fg: np.ndarray,
                      tile_size: int = DEFAULT_TILE, batch_size: int = 64, want_he: bool = False,
                      progress: bool = True, stats: RunStats | None = None) -> Iterator[TileResult]:
-    """Predict every foreground block, one output tile at a time (see the module docstring)."""
+    """Predict every foreground block, one output tile at a time (see the module docstring).
+
+    The next tile is read (:func:`read_tile`) in a background thread while this one is predicted
+    (:func:`predict_tile`).
+    """
     stride = check_stride(stride)
     _, h, w = image.shape
     hout, wout = output_shape(h, w, stride)
@@ -89,23 +145,9 @@ def iter_predictions(image: Any, predictor: PatchPredictor, stride: int, fg: np.
     P, s, M = predictor.patch_size, stride, predictor.num_markers
     tiles = tile_grid(hout, wout, tile_size)
     stats = stats if stats is not None else RunStats()
-    device = predictor.device
 
     def load(t: tuple[int, int, int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
-        i0, i1, j0, j1 = t
-        region = None
-        if fg[i0:i1, j0:j1].any():
-            region = read_padded(image, patch_origin(i0, s, P), patch_origin(j0, s, P),
-                                 (i1 - i0 - 1) * s + P, (j1 - j0 - 1) * s + P, fill=WHITE)
-        he = None
-        if want_he:
-            y0, y1, x0, x1 = i0 * s, min(i1 * s, h), j0 * s, min(j1 * s, w)
-            if region is not None:  # the tile's own pixels sit inside the region, P//2 - s//2 from its corner
-                oy, ox = P // 2 - s // 2, P // 2 - s // 2
-                he = region[:, oy : oy + y1 - y0, ox : ox + x1 - x0]
-            else:
-                he = np.asarray(image.read(y0, x0, y1 - y0, x1 - x0))
-        return region, he
+        return read_tile(image, fg, t, s, P, want_he)
 
     columns = (TextColumn("ROSIE patches"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     start = time.perf_counter()
@@ -119,18 +161,9 @@ def iter_predictions(image: Any, predictor: PatchPredictor, stride: int, fg: np.
             pred = np.zeros((M, i1 - i0, j1 - j0), dtype=np.float32)
             values = np.zeros((0, M), dtype=np.float32)
             if region is not None:
-                ii, jj = np.nonzero(tfg)
-                reg = torch.from_numpy(np.ascontiguousarray(region)).to(device, non_blocking=True)
-                windows = reg.unfold(1, P, s).unfold(2, P, s).permute(1, 2, 0, 3, 4)  # (ni, nj, 3, P, P) view
-                ii_t = torch.from_numpy(ii).to(device)
-                jj_t = torch.from_numpy(jj).to(device)
-                out = torch.empty((len(ii), M), dtype=torch.float32, device=device)
-                for b in range(0, len(ii), batch_size):
-                    out[b : b + batch_size] = predictor(windows[ii_t[b : b + batch_size], jj_t[b : b + batch_size]])
-                    bar.advance(task, min(batch_size, len(ii) - b))
-                values = out.cpu().numpy()
-                pred[:, ii, jj] = values.T
-                stats.n_patches += len(ii)
+                pred, values = predict_tile(region, tfg, predictor, s, batch_size,
+                                            on_batch=lambda n: bar.advance(task, n))
+                stats.n_patches += len(values)
             y0, y1, x0, x1 = i0 * s, min(i1 * s, h), j0 * s, min(j1 * s, w)
             yield TileResult(i0, j0, pred, tfg, values, he, (y0, y1, x0, x1))
     stats.seconds += time.perf_counter() - start
