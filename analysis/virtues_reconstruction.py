@@ -7,7 +7,7 @@ The model enters as a plain ``nn.Module`` with the VirTues forward
 
 Every choice below is also written to ``evaluation.json`` by :func:`write_outputs`.
 
-* **Strategies** (paper; ``shared/docs/virtues-official-layout.md`` 3.1), on the ``H/8 × W/8``
+* **Strategies** (paper; ``docs/virtues-official-layout.md`` 3.1), on the ``H/8 × W/8``
   token grid, no channel dropout:
 
   - ``independent``: per channel ``r ~ U(0.6, 1)``, ``ceil(r·h·w)`` random tokens masked;
@@ -59,14 +59,33 @@ import torch
 from torch import Tensor, nn
 
 from analysis.outputs import atomic_output_dir, json_default
-from analysis.virtues_reconstruction_baselines import (PartnerFit, PixelStats, fit_most_correlated, partner_prediction,
-                                                       pearson_f1, visible_mean_prediction)
-from analysis.virtues_reconstruction_data import (METHODS, PER_MARKER_COLUMNS, RATIO_RANGE, SEEN_SUMMARY_COLUMNS,
-                                                  SKIPPED_COLUMNS, STRATEGIES, STRATEGY_CODE, SUMMARY_COLUMNS, EvalCrop, MarkerVocabulary,
-                                                  ReconstructionError, ReconstructionResult, build_marker_vocabulary,
-                                                  pixel_mask)
+from analysis.virtues_reconstruction_baselines import (
+    PartnerFit,
+    PixelStats,
+    fit_most_correlated,
+    partner_prediction,
+    pearson_f1,
+    visible_mean_prediction,
+)
+from analysis.virtues_reconstruction_data import (
+    METHODS,
+    PER_MARKER_COLUMNS,
+    RATIO_RANGE,
+    SEEN_SUMMARY_COLUMNS,
+    SKIPPED_COLUMNS,
+    STRATEGIES,
+    STRATEGY_CODE,
+    SUMMARY_COLUMNS,
+    EvalCrop,
+    MarkerVocabulary,
+    ReconstructionError,
+    ReconstructionResult,
+    build_marker_vocabulary,
+    pixel_mask,
+)
 from analysis.virtues_reconstruction_figures import plot_all
 from analysis.virtues_reconstruction_outputs import summarise, summarise_per_dataset, summarise_seen
+from lightning_modules.components.virtues.encoder import unpatchify
 from lightning_modules.components.virtues.masking import independent_mask, niche_mask
 
 __all__ = ["METHODS", "PER_MARKER_COLUMNS", "SEEN_SUMMARY_COLUMNS", "SKIPPED_COLUMNS", "STRATEGIES", "SUMMARY_COLUMNS",
@@ -128,7 +147,6 @@ def _forward_channels(model: nn.Module, images: list[Tensor], ids: list[Tensor],
     channel as its own sequence ``[PS tokens | that channel's tokens]``; decoding the one channel
     gives exactly the values the full forward would (tested), at 1/C of the decoder cost.
     """
-    from lightning_modules.components.virtues.encoder import unpatchify
 
     enc = model.encode([x.to(device) for x in images], [i.to(device) for i in ids], [m.to(device) for m in masks])
     ps = torch.stack(list(enc.patch_summary))

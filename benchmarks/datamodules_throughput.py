@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from datamodules.rosie import RosieDataModule
+from datamodules.synthetic import generate_dataset
 from datamodules.virtues import VirTuesDataModule
 
 
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from datamodules.synthetic import generate_dataset
 
             data = generate_dataset(Path(tmp) / "synthetic", n_tissues=4, size=512, seed=0)
         rows = run(Path(data), args.workers, args.batches, args.batch_size, args.chunk_cache_mb)

@@ -1,7 +1,7 @@
 """Intensity preprocessing of multiplex images (VirTues) and H&E normalisation (ROSIE).
 
 VirTues (paper Methods; official spora-io `quantile_clipping_log1p/uq_0.99_image`, see
-`../shared/docs/virtues-official-layout.md` §3.5) preprocesses each tissue, channel by channel:
+`docs/virtues-official-layout.md` §3.5) preprocesses each tissue, channel by channel:
 
 1. clip to ``[0, u]`` with ``u`` = that image's 99th percentile of raw intensities inside the tissue
    mask (so one saturated spot does not set the scale of a whole channel),

@@ -283,7 +283,7 @@ class RosieDataModule(L.LightningDataModule):
             return self._std_scales(store, mapping)
         stats = store.standardization(self.hparams.target_modality, store.resolutions("he")[0])
         if stats is None:
-            log.warning("%s: no standardization statistics; targets are not scaled (run preprocess statistics)", store.url)
+            log.warning("%s: no standardization statistics; targets are not scaled (compute them: python -m experiments.data_stats DIR --modality codex)", store.url)
             return scales
         for k, m in enumerate(self.marker_names):
             if m in mapping and mapping[m] in stats.upper_quantiles.columns:

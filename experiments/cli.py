@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpointing import ResumableCheckpoint, last_checkpoint_path, restore_csv_rows, resume_info
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from lightning_modules.components.model_files import load_torch_file, numpy_safe_globals, require_kind
 
 os.environ.setdefault("WANDB_MODE", "offline")

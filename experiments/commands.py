@@ -2,7 +2,7 @@
 cell-token reader.
 
 Bad input ends a command with one line naming the problem and exit code 2, never a traceback
-from deep inside a library (:func:`datamodules.command_errors.run_command`); an output folder that
+from deep inside a library (:func:`datamodules.command_line.run_command`); an output folder that
 exists is refused before the expensive part starts (the atomic writer would refuse it too, but
 only at the end), and only a command's own earlier output is ever replaced.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from analysis.outputs import check_output_folder
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.store import DatasetStore, StoreError
 
 __all__ = ["run_command", "refuse_existing_output", "load_cell_tokens", "open_modality"]

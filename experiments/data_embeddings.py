@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from lightning_modules.components.marker_embeddings import (ESM_LAYER, compute_esm_embeddings, read_fasta,
                                                             save_marker_embeddings)
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from datamodules import layout
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.store import DatasetStore, StoreError
 
 

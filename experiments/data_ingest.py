@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.ingest import ingest
 
 

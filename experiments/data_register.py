@@ -4,7 +4,7 @@
         --out HE_registered.ome.tif [--max-side 2048] [--overwrite]
 
 Writes the H&E warped into the DAPI pixel grid (white outside the H&E) and prints the transform
-and its quality as JSON. Inside a dataset, ``datamodules.ingest --register-to-dapi`` does the same
+and its quality as JSON. Inside a dataset, ``python -m experiments.data_ingest --register-to-dapi`` does the same
 on the way in. The method is :mod:`datamodules.registration`.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 
 from analysis.outputs import FILE_SUFFIXES
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.ingest_files import normalise_he, read_any
 from datamodules.registration import find_dapi_channel, register_he_to_dapi, warp_to
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from datamodules import layout
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.statistics import compute_and_store_statistics
 from datamodules.store import DatasetStore, StoreError
 

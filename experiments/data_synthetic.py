@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.synthetic import HE_MPP, generate_dataset, validate_generation_args
 
 

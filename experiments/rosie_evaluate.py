@@ -29,7 +29,7 @@ import torch
 
 from analysis.rosie_evaluation import METHODS
 from datamodules import layout
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.rosie import normalize_he
 from datamodules.rosie_evaluation_data import is_patch_level_truth
 from experiments import rosie_evaluation_pipeline as pipeline
@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_command(lambda: report(args, run(args)))
 
 

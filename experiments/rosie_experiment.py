@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sys
 import time
@@ -25,7 +24,7 @@ import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
 from analysis.rosie_metrics import he_histograms
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.store import DatasetStore
 from experiments.reporting import (
     Curve,
@@ -104,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", default=None, help="skip training and evaluate this checkpoint")
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_command(lambda: run(args, argv))
 
 

@@ -32,6 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.outputs import looks_like_dataset
+from datamodules import layout
+from datamodules.command_line import run_command
+from datamodules.image_files import open_tiff, read_mask_file
+from datamodules.store import DatasetStore, StoreError, instance_ids
+from lightning_modules import rosie_inference as ri
+from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
+
 log = logging.getLogger("rosie_predict")
 
 
@@ -72,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_cell_mask(path: str | Path) -> object:
     """A 2-D instance mask at the H&E resolution: TIFF read lazily (slide-sized), else read whole
     (.npz key 'mask' or a single array, .npy, .png); ids are checked as the store checks them."""
-    from datamodules.image_files import open_tiff, read_mask_file
-    from datamodules.store import instance_ids
 
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -103,21 +109,16 @@ def _default_tissue_id(path: Path) -> str:
 
 def pending_jobs(jobs: list, out: str, options) -> tuple[list, list]:  # type: ignore[no-untyped-def]
     """Split ``jobs`` into (to run, already complete in ``out``); ``options.overwrite`` runs all."""
-    from lightning_modules.rosie_inference import is_complete
-
     if options.overwrite:
         return list(jobs), []
     todo, done = [], []
     for job in jobs:
-        (done if is_complete(out, job.tissue_id, options) else todo).append(job)
+        (done if ri.is_complete(out, job.tissue_id, options) else todo).append(job)
     return todo, done
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Numbers outside their physical range are refused before anything is read or written."""
-    from datamodules import layout
-    from lightning_modules import rosie_inference as ri
-
     ri.check_stride(args.stride)
     for flag, value in (("--batch-size", args.batch_size), ("--tile-size", args.tile_size)):
         if value < 1:
@@ -134,8 +135,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def check_file_tissue_id(out: str, tissue_id: str, he: Path, explicit: bool, overwrite: bool) -> None:
     """Two files whose names sanitise to one id must not share (or silently skip) one prediction."""
-    from lightning_modules import rosie_inference as ri
-
     record = ri.read_record(out, tissue_id) if Path(out).exists() else None
     source = (record or {}).get("tissue_row", {}).get("source")
     if source is None or Path(str(source)).resolve() == he.resolve():
@@ -149,18 +148,11 @@ def check_file_tissue_id(out: str, tissue_id: str, he: Path, explicit: bool, ove
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from datamodules.command_errors import run_command
 
     return run_command(lambda: predict(args))
 
 
 def predict(args: argparse.Namespace) -> int:
-    from analysis.outputs import looks_like_dataset
-    from datamodules import layout
-    from datamodules.store import DatasetStore, StoreError
-    from lightning_modules import rosie_inference as ri
-    from lightning_modules.tissue_jobs import TissueJob
 
     check_arguments(args)
     he = Path(args.he)
@@ -250,7 +242,6 @@ def predict(args: argparse.Namespace) -> int:
         return entry
 
     if distributed:
-        from lightning_modules.tissue_jobs import parse_devices, run_tissue_jobs
 
         run_tissue_jobs(predictor, todo, run_job, merge=lambda: ri.merge_records(args.out),
                         accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
         summary = run(args.tokens, args.data, args.out, args.label, args.train_split, args.test_split, args.overwrite)

@@ -15,7 +15,6 @@ the baselines, as in the paper's Fig. 2d; training curves; figures), `summary.cs
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ import time
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from experiments.reporting import (
     Curve,
     CurvePanel,
@@ -122,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-arg", action="append", default=[],
                         help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_command(lambda: run(args, argv))
 
 

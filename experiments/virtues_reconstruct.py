@@ -49,7 +49,7 @@ from analysis.virtues_reconstruction import (
     write_outputs,
 )
 from datamodules import layout
-from datamodules.command_errors import run_command
+from datamodules.command_line import run_command
 from datamodules.store import DatasetStore, StoreError
 from datamodules.virtues_eval_crops import load_crops
 from lightning_modules.virtues_loading import available_embeddings, channel_plan, load_model, uniprot_id_or_none
@@ -217,7 +217,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
 
     def body() -> None:

@@ -45,7 +45,7 @@ from analysis.virtues_tokens import niche_token
 from datamodules.preprocess import MultiplexPreprocessor
 from datamodules.statistics import require_statistics
 from experiments.commands import open_modality, refuse_existing_output, run_command
-from experiments.virtues_tokens import prepare_model
+from experiments.virtues_tokens import model_for_tokens
 from lightning_modules.virtues_tokens import CropEncoder, read_zero_padded
 
 log = logging.getLogger("experiments.virtues_retrieval")
@@ -74,7 +74,7 @@ def default_label_columns(tissues: pd.DataFrame, max_classes: int = 20, max_inte
 
 def embed_tissues(store, ids: Sequence[str], args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """Niche-token sets and pixel samples of the central crop grid of each tissue that has one."""
-    model, channels, marker_rows, device = prepare_model(store, args)
+    model, channels, marker_rows, device = model_for_tokens(store, args)
     encoder = CropEncoder(model, torch.tensor(marker_rows), device, chunk_size=args.batch_size)
     stats = require_statistics(store, args.modality, args.mpp)
     names = [str(n) for n in store.channels(args.modality)["channel_name"].iloc[channels]]
@@ -187,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
         if args.grid < 1 or args.pixels_per_tissue < 1:

@@ -49,7 +49,7 @@ from datamodules.statistics import require_statistics
 from datamodules.store import StoreError
 from experiments.commands import open_modality, run_command
 from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
-from lightning_modules.virtues_loading import prepare_model as load_prepared_model
+from lightning_modules.virtues_loading import prepare_model
 from lightning_modules.virtues_tokens import CropEncoder, extract_tissue_tokens
 
 log = logging.getLogger("experiments.virtues_tokens")
@@ -144,10 +144,10 @@ def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
     return path
 
 
-def prepare_model(store, args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], list[int], torch.device]:  # type: ignore[no-untyped-def]
+def model_for_tokens(store, args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], list[int], torch.device]:  # type: ignore[no-untyped-def]
     """The library's :func:`~lightning_modules.virtues_loading.prepare_model` for these options, with a
     warning when the blur setting differs from the one the checkpoint trained with."""
-    prepared = load_prepared_model(store, args.modality, args.ckpt, args.config, args.embeddings,
+    prepared = prepare_model(store, args.modality, args.ckpt, args.config, args.embeddings,
                                    trust=args.trust_checkpoint, device=args.device, command=COMMAND)
     blur = prepared.data_hparams.get("blur")
     if blur is not None and bool(blur) != args.blur:
@@ -208,7 +208,7 @@ def extract(args: argparse.Namespace) -> None:
     todo = [t for t in ids if t not in done]
     distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
     if todo:
-        model, channels, marker_rows, device = prepare_model(store, args)
+        model, channels, marker_rows, device = model_for_tokens(store, args)
         worker = TokenWorker(model, device)
 
         def run_job(job, worker: TokenWorker, rank: int = 0) -> dict:  # type: ignore[no-untyped-def]
@@ -238,7 +238,6 @@ def extract(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     return run_command(lambda: extract(args))
 

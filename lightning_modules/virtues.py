@@ -9,7 +9,7 @@ MAE masks are drawn by the data pipeline (``datamodules.virtues.VirTuesCropDatas
 ``(seed, epoch, item)``), never here: one owner means one mask-ratio setting and masks that do not
 depend on the number of workers or ranks. A batch without masks is refused by name.
 
-Training choices (official code unless noted; ``shared/docs/virtues-official-layout.md`` 3.4):
+Training choices (official code unless noted; ``docs/virtues-official-layout.md`` 3.4):
 
 - Loss: MSE over ALL pixels of all channels (masked and visible), i.e. the mean over
   ``sum_b C_b * H * W`` values, so samples with more channels weigh more (paper and code agree).

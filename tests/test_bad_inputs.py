@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (imported here, not inside a captured case: its log handler keeps the real stderr)
 import pytest
 
-from datamodules.command_errors import USER_ERRORS
+from datamodules.command_line import USER_ERRORS
 
 if __package__:  # `python -m tests.test_bad_inputs` (regenerating the README table)
     from tests.bad_input_catalogue import CATALOGUE, Case, Ctx, Shared

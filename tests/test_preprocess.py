@@ -14,6 +14,7 @@ from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from torchvision.transforms.functional import normalize as tv_normalize
 
 from datamodules import preprocess as pp
+from datamodules import statistics
 from datamodules.preprocess import HENormalize, MultiplexPreprocessor, gaussian_blur, otsu_tissue_mask
 from datamodules.statistics import (
     compute_and_store_statistics,
@@ -270,7 +271,7 @@ def test_statistics_written_and_read_back_through_store(small_store, monkeypatch
         assert again.means[name] == pytest.approx(pooled.mean(), rel=1e-5)
         assert again.stds[name] == pytest.approx(pooled.std(), rel=1e-5)
     # computed once, reused: a second call must not touch the pixels
-    monkeypatch.setattr(pp, "upper_quantiles", lambda *a, **k: pytest.fail("recomputed although stored"))
+    monkeypatch.setattr(statistics, "upper_quantiles", lambda *a, **k: pytest.fail("recomputed although stored"))
     reused = compute_and_store_statistics(str(root), "imc", 1.0)
     pd.testing.assert_series_equal(reused.means, again.means)
     pd.testing.assert_frame_equal(load_statistics(str(root), "imc", 1.0).upper_quantiles, again.upper_quantiles)

@@ -6,7 +6,7 @@ Each :class:`Case` feeds one broken file, folder or setting to the stage that re
   exactly one ``error: ...`` line on stderr that names the file or option and matches ``expect``
   (so no traceback can reach the user);
 * ``library`` cases call the library function a command would call and must raise an exception of
-  the error contract (``datamodules.command_errors.USER_ERRORS``, so the command prints one line)
+  the error contract (``datamodules.command_line.USER_ERRORS``, so the command prints one line)
   whose message matches ``expect``.
 
 After every case nothing half-written may be left behind. ``tests/test_bad_inputs.py`` runs them

@@ -6,7 +6,7 @@ keeps them from drifting apart, and checks every size once, with an error that n
 before any layer is built.
 
 Field names are the plain names of the official-layout ``config.json`` (the parity fixture's, see
-``shared/docs/virtues-official-layout.md``), so reading and writing that file is a filter, not a
+``docs/virtues-official-layout.md``), so reading and writing that file is a filter, not a
 translation. The official ``MultiplexVirtues`` keyword names (``model_dim``, ...) are accepted as
 aliases when reading.
 """

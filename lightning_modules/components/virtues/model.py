@@ -1,7 +1,7 @@
 """VirTues: marker-aware masked autoencoder for multiplexed images (plain ``nn.Module``).
 
 Forward semantics follow the official ``MultiplexVirtues`` (bunnelab/virtues, c5b9eaa), see
-``shared/docs/virtues-official-layout.md``: a list of ``(C_b, H, W)`` images, a list of ``(C_b,)``
+``docs/virtues-official-layout.md``: a list of ``(C_b, H, W)`` images, a list of ``(C_b,)``
 marker indices into the ESM table, an optional list of ``(C_b, H/8, W/8)`` bool masks (True =
 masked) -> decoded images, patch-summary grids ``(H/8, W/8, d)`` and channel tokens
 ``(C_b, H/8, W/8, d)``. Channel counts may differ between samples; H and W must be shared.

@@ -1,4 +1,6 @@
-"""The error contract of every command: a user's mistake ends in one line on stderr and exit code 2.
+"""What every command shares: the error contract and the logging setup.
+
+A user's mistake ends in one line on stderr and exit code 2.
 
 Why: a traceback from deep inside zarr or torch tells a biologist nothing, and a half-finished
 command that exits 0 is worse. Library code raises exceptions whose message already names the
@@ -10,6 +12,7 @@ Anything else (``KeyError``, ``TypeError``, ...) is a bug in this project and ke
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -33,7 +36,7 @@ def one_line(exc: BaseException) -> str:
     elif isinstance(exc, FileNotFoundError) and exc.filename and not str(exc).startswith(str(exc.filename)):
         text = f"{exc.filename}: no such file or folder"
     elif isinstance(exc, ImportError):
-        text = f"{exc}; install the optional dependency (see README, 'Install')"
+        text = f"{exc}; install the optional dependency (README, 'Install')"
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -44,11 +47,21 @@ def report(exc: BaseException) -> int:
     return 2
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """One format and level for every command's log lines (a no-op when logging is already set up,
+    e.g. under pytest or when a command runs another)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
 def run_command(body: Callable[[], Any]) -> int:
-    """Run ``body``; a user error becomes ``error: ...`` on stderr and exit code 2.
+    """Run ``body`` with the project's logging; a user error becomes ``error: ...`` on stderr and exit code 2.
 
     ``body`` returns an exit code (None = 0). Ctrl-C exits 130 without a traceback.
     """
+    configure_logging()
     try:
         code = body()
     except KeyboardInterrupt:
