@@ -33,3 +33,33 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("synthetic") / "synth", n_tissues=4, size=256, seed=0, progress=False)
+
+
+def save_untrained(module, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A LightningModule written as a Lightning checkpoint without training (what a real run writes)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(str(path))
+    return Path(path)
+
+
+def rosie_checkpoint(path: Path, marker_names: list[str], seed: int = 0, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+    """A random convnext_atto RosieModule over ``marker_names``."""
+    import torch
+
+    from lightning_modules.rosie import RosieModule
+
+    torch.manual_seed(seed)
+    module = RosieModule(arch="convnext_atto", num_markers=len(marker_names), marker_names=list(marker_names), **kwargs)
+    return save_untrained(module, path)
+
+
+@pytest.fixture(scope="session")
+def catalogue_shared(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Checkpoints and the dataset the bad-input catalogue's cases share (built once per worker)."""
+    from bad_input_catalogue import Shared
+
+    return Shared(tmp_path_factory.mktemp("catalogue"), synthetic_dataset)

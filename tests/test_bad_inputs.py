@@ -25,11 +25,6 @@ else:  # pytest puts tests/ on sys.path
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def shared(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return Shared(tmp_path_factory.mktemp("catalogue"), synthetic_dataset)
-
-
 def _temporaries(root: Path) -> list[Path]:
     """Half-written leftovers: temporary names of datasets, images, tables and outputs."""
     if not root.exists():
@@ -53,8 +48,8 @@ def _run_command_case(case: Case, ctx: Ctx, capsys: pytest.CaptureFixture) -> st
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
-def test_bad_input(case: Case, shared: Shared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ctx = Ctx(tmp_path, shared)
+def test_bad_input(case: Case, catalogue_shared: Shared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ctx = Ctx(tmp_path, catalogue_shared)
     if case.kind == "command":
         message = _run_command_case(case, ctx, capsys)
     else:

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from datamodules.rosie import RosieDataModule, normalize_he
 from datamodules.sampling import sample_subimages
-from datamodules.store import DatasetStore, DatasetWriter
+from datamodules.store import DatasetStore
 from datamodules.virtues import VirTuesDataModule
 
 

@@ -21,19 +21,14 @@ from bad_input_catalogue.models import CASES, CODE_RUNNING_FILES, mark
 CODE_RUNNING = [c for c in CASES if c.id in CODE_RUNNING_FILES]
 
 
-@pytest.fixture(scope="session")
-def shared(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    return Shared(tmp_path_factory.mktemp("catalogue"), synthetic_dataset)
-
-
 def test_every_code_running_case_is_listed() -> None:
     assert len(CODE_RUNNING) == len(CODE_RUNNING_FILES) >= 9, sorted(CODE_RUNNING_FILES)
 
 
 @pytest.mark.parametrize("case", CODE_RUNNING, ids=[c.id for c in CODE_RUNNING])
-def test_command_refuses_code_running_file(case: Case, shared: Shared, tmp_path: Path,
+def test_command_refuses_code_running_file(case: Case, catalogue_shared: Shared, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
-    ctx = Ctx(tmp_path, shared)
+    ctx = Ctx(tmp_path, catalogue_shared)
     capsys.readouterr()
     try:
         rc = case.run(ctx)

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import rosie_checkpoint, shared_data
 
 from analysis.rosie_evaluation import EvaluationError, detect_stride
 from analysis.rosie_patch_level import predict_patch_mean
-from datamodules.rosie_evaluation_data import load_tissue, match_panel
-from experiments.rosie_evaluation_pipeline import evaluate
-from datamodules.sampling import block_means
+from datamodules.markers import ROSIE_PANEL
 from datamodules.provenance import PREDICTION
+from datamodules.rosie_evaluation_data import load_tissue, match_panel
+from datamodules.sampling import block_means
 from datamodules.store import DatasetStore, DatasetWriter
-from conftest import shared_data
+from experiments.rosie_evaluation_pipeline import evaluate
 
 SUMMARY = ["method", "pearson_r", "spearman_r", "c_index", "n_patches"]
 RENAME = {"PanCK": "Pan-Cytokeratin", "ECad": "E-cadherin"}  # aliases of ROSIE's names
@@ -61,20 +62,7 @@ def result8(synthetic_dataset: Path, pred8: Path, tmp_path_factory) -> tuple[dic
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    import lightning as L
-    import torch
-
-    from datamodules.markers import ROSIE_PANEL
-    from lightning_modules.rosie import RosieModule
-
-    torch.manual_seed(0)
-    module = RosieModule(arch="convnext_atto", num_markers=len(ROSIE_PANEL), marker_names=list(ROSIE_PANEL))
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return rosie_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt", list(ROSIE_PANEL))
 
 
 def test_detect_stride():

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import rosie_checkpoint
 from scipy import ndimage
 from torch import nn
 
@@ -71,18 +72,7 @@ def no_temp_leftovers(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def atto_ckpt(tmp_path_factory) -> Path:
-    import lightning as L
-
-    from lightning_modules.rosie import RosieModule
-
-    torch.manual_seed(0)
-    module = RosieModule(arch="convnext_atto", num_markers=len(MARKERS), marker_names=MARKERS)
-    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "atto.ckpt"
-    trainer.save_checkpoint(str(path))
-    return path
+    return rosie_checkpoint(tmp_path_factory.mktemp("ckpt") / "atto.ckpt", MARKERS)
 
 
 # ------------------------------------------------------------------------------------------ CLI

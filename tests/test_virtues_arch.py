@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import lightning as L
 import pytest
 import torch
+from conftest import save_untrained
 
 from lightning_modules.components.model_files import ModelFileError
-from lightning_modules.components.virtues import VirTues, VirTuesArch, independent_masks_for_batch
-from lightning_modules.virtues import VirTuesModule, current_hparams, load_virtues_module
+from lightning_modules.components.virtues import (
+    VirTues,
+    VirTuesArch,
+    independent_masks_for_batch,
+)
+from lightning_modules.virtues import (
+    VirTuesModule,
+    current_hparams,
+    load_virtues_module,
+)
 
 TINY = VirTuesArch(d_model=32, encoder_heads=2, decoder_heads=2, ffn_dim=64, encoder_pattern="hvhv", decoder_pattern="f")
 IDS = ["P00001", "P00002", "Q00003", "Q00004"]
@@ -106,17 +114,10 @@ def _outputs(module: VirTuesModule) -> list[torch.Tensor]:
     return out.decoded + out.patch_summary
 
 
-def _save_with_lightning(module: VirTuesModule, path) -> None:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-
-
 def test_hyper_parameters_are_plain_values(tmp_path):
     module = _module()
     path = tmp_path / "v.ckpt"
-    _save_with_lightning(module, path)
+    save_untrained(module, path)
     raw = torch.load(path, weights_only=True)  # no dataclass to rebuild
     assert raw["hyper_parameters"]["arch"] == TINY.to_dict() and raw["hyper_parameters"]["lr"] == 3e-3
     assert module.hparams_initial["arch"] == TINY.to_dict()  # what loggers record (W&B config, hparams.yaml)

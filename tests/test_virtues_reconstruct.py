@@ -7,12 +7,11 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import shared_data
+from conftest import save_untrained, shared_data
 
 from analysis.outputs import OutputPathError
 from analysis.virtues_reconstruction import (
@@ -107,11 +106,7 @@ def save_random_checkpoint(path: Path, uniprot_ids: list[str], embeddings: torch
     torch.manual_seed(0)
     module = VirTuesModule(TINY)
     module.set_marker_table(embeddings, uniprot_ids)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return path
+    return save_untrained(module, path)
 
 
 # ---------------------------------------------------------------------------------------------
