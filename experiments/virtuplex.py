@@ -1,4 +1,4 @@
-"""``virtuplex``: one command with a subcommand for every entry point of the project.
+"""virtuplex: one command with a subcommand for every entry point of the project.
 
     virtuplex rosie fit --config experiments/configs/rosie/paper.yaml --data.data_dirs '[datasets/mystudy]'
     virtuplex rosie predict --ckpt best.ckpt --he slide.tif --out preds/
