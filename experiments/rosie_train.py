@@ -11,6 +11,7 @@ import sys
 
 from experiments.cli import VirtuplexCLI, run_cli
 
+from datamodules.he_histograms import training_he_histograms
 from datamodules.markers import ROSIE_PANEL
 from datamodules.rosie import RosieDataModule
 from lightning_modules.rosie import RosieModule
@@ -33,6 +34,11 @@ class RosieCLI(VirtuplexCLI):
         parser.link_arguments("data.target_scales", "model.target_scales", apply_on="instantiate")
         # a model that keeps only the patch centre: the data reads (and augments) only those pixels
         parser.link_arguments("model.input_center_crop", "data.center_crop")
+
+    def before_fit(self) -> None:
+        # the training slides' H&E histograms travel in the checkpoint (the W1 quality score)
+        if self.model.reference_he_histograms is None:
+            self.model.set_reference_histograms(training_he_histograms(self.datamodule.data_dirs))
 
 
 def main(args: list[str] | None = None) -> RosieCLI:

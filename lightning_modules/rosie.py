@@ -76,6 +76,24 @@ class RosieModule(L.LightningModule):
         self.backbone.to(memory_format=torch.channels_last)
         self.val_pearson = MaskedPearson(num_markers)
         self.val_ssim = MeanMetric()
+        self.reference_he_histograms: torch.Tensor | None = None
+
+    # -------------------------------------------------------------- quality control
+    def set_reference_histograms(self, histograms: "torch.Tensor | Sequence") -> None:
+        """The training tissues' (R, 3, 256) H&E histograms, saved in every checkpoint so the paper's
+        W1 quality score of a new slide needs no training data (``datamodules.he_histograms``)."""
+        hists = torch.as_tensor(histograms, dtype=torch.float32)
+        if hists.ndim != 3 or tuple(hists.shape[1:]) != (3, 256):
+            raise ValueError(f"reference H&E histograms must be (R, 3, 256), got {tuple(hists.shape)}")
+        self.reference_he_histograms = hists
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_he_histograms is not None:
+            checkpoint["reference_he_histograms"] = self.reference_he_histograms.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("reference_he_histograms") is not None:
+            self.set_reference_histograms(checkpoint["reference_he_histograms"])
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.adapter(image).contiguous(memory_format=torch.channels_last))
