@@ -1,8 +1,8 @@
 """Predict multiplex images from H&E with a trained ROSIE model.
 
     python -m experiments.rosie_predict --ckpt C --he IMAGE_OR_DATASET --out OUT [--stride 8]
-        [--tissue-id ID | --split test] [--batch-size 64] [--ome-tiff] [--blend] [--cell-mask FILE]
-        [--device auto|cpu|cuda] [--overwrite]
+        [--tissue-id ID | --split test] [--batch-size 64] [--ome-tiff] [--blend]
+        [--cell-mask FILE | --segment he|dapi [--expand-um 2]] [--device auto|cpu|cuda] [--overwrite]
         [--accelerator auto|cpu|gpu --devices N [--num-nodes K] [--strategy ddp]]
 
 ``--he`` is an H&E image file (TIFF/OME-TIFF/PNG/JPEG, RGB uint8; big TIFFs are read lazily) or a
@@ -12,6 +12,15 @@ dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissu
 histogram to the training set when known, patches/s), and optionally ``<tissue>.ome.tif`` and
 ``<tissue>.cells.h5ad``. The sliding window, padding and foreground policies are documented in
 :mod:`lightning_modules.rosie_inference`.
+
+Cells: per-cell mean expression (``<tissue>.cells.h5ad``, one row per cell) needs a cell mask at the
+H&E resolution: ``--cell-mask``, or a dataset's stored mask. Plain H&E has none, so ``--segment he``
+segments the H&E's hematoxylin channel first (nuclei grown ``--expand-um`` µm into cells;
+:mod:`analysis.cell_segmentation`) and ``--segment dapi`` a dataset's measured DAPI on the H&E grid
+(the paper's choice). The segmented mask is written into ``OUT`` as
+``segmentations/<mpp>mpp/cell_masks/instances/<tissue>.npz`` in the same pass; a tissue whose
+dataset already stores a cell mask keeps it. Segmentation holds the label image in memory, so
+images above 10⁹ px are refused before the model is loaded.
 
 Resumable: every tissue ends with a completion record (``qc/tissues/<tissue>.json``); a rerun skips
 tissues that are complete with the same stride and blending and redoes the rest (``--overwrite``
@@ -27,11 +36,13 @@ import dataclasses
 import logging
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from analysis import cell_segmentation as cs
 from analysis.outputs import looks_like_dataset
 from datamodules import layout
 from datamodules.command_line import run_command
@@ -64,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-mask", default=None,
                    help="instance mask at the H&E resolution (.npz key 'mask', .npy, .tif) -> OUT/<tissue_id>.cells.h5ad; "
                         "dataset input uses the stored cell mask when present")
+    p.add_argument("--segment", choices=["he", "dapi"], default=None,
+                   help="tissues without a cell mask: segment cells from the H&E (he) or the dataset's measured DAPI "
+                        "(dapi) and write the mask and OUT/<tissue_id>.cells.h5ad")
+    p.add_argument("--expand-um", type=float, default=cs.DEFAULT_EXPAND_UM,
+                   help="with --segment: µm each nucleus grows into its cell body")
     p.add_argument("--reference-hist", default=None, help="training-set H&E histograms (R,3,256) .npy/.npz for the W1 QC")
     p.add_argument("--no-rescale", action="store_true", help="keep the model's scaled outputs (skip the checkpoint's marker scales)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -107,14 +123,43 @@ def _default_tissue_id(path: Path) -> str:
     return stem
 
 
-def pending_jobs(jobs: list, out: str, options) -> tuple[list, list]:  # type: ignore[no-untyped-def]
-    """Split ``jobs`` into (to run, already complete in ``out``); ``options.overwrite`` runs all."""
+def pending_jobs(jobs: list, out: str, options, need_cells: bool = False) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+    """Split ``jobs`` into (to run, already complete in ``out``); ``options.overwrite`` runs all.
+
+    ``need_cells``: a tissue completed without a cell table (an earlier run without ``--segment``)
+    is not complete for this one.
+    """
     if options.overwrite:
         return list(jobs), []
     todo, done = [], []
     for job in jobs:
-        (done if ri.is_complete(out, job.tissue_id, options) else todo).append(job)
+        complete = ri.is_complete(out, job.tissue_id, options)
+        if complete and need_cells:
+            complete = "cells_h5ad" in ((ri.read_record(out, job.tissue_id) or {}).get("entry") or {})
+        (done if complete else todo).append(job)
     return todo, done
+
+
+def segment_tissue(image: object, mpp: float, source: str, expand_um: float, dataset: Path | None,
+                   tissue_id: str) -> tuple[np.ndarray, dict]:
+    """A cell mask of one tissue at the H&E resolution, and how it was made (kept in the QC entry and .h5ad)."""
+    _, h, w = image.shape  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    if source == "he":
+        seg = cs.segment_cells_he(image, mpp, expand_um)
+    else:
+        if dataset is None:
+            raise ValueError("--segment dapi needs a dataset folder as --he (its measured DAPI); use --segment he for an "
+                             "H&E image file")
+        seg = cs.segment_cells_dapi(ri.store_dapi_plane(str(dataset), tissue_id, mpp, (h, w)), mpp, expand_um)
+    seconds = time.perf_counter() - start
+    n_cells = len(np.unique(seg.cells)) - 1
+    print(f"{tissue_id}: segmented {n_cells} cells from the {'H&E hematoxylin' if source == 'he' else 'DAPI'} channel "
+          f"(nuclei grown {expand_um:g} µm) in {seconds:.1f} s", flush=True)
+    info = {"method": "analysis.cell_segmentation", "source": source, "expand_um": float(expand_um),
+            "stain_threshold": seg.threshold if np.isfinite(seg.threshold) else None,  # inf: a blank image
+            "n_cells": n_cells, "seconds": round(seconds, 3)}
+    return seg.cells, info
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -131,6 +176,23 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--blend-kernel {args.blend_kernel}: must be a window in px between 0 and 1024")
     if args.num_nodes < 1:
         raise ValueError(f"--num-nodes {args.num_nodes}: must be >= 1")
+    if not 0 <= args.expand_um <= 100:
+        raise ValueError(f"--expand-um {args.expand_um}: must be between 0 and 100 µm")
+    if args.segment and args.cell_mask:
+        raise ValueError("--segment and --cell-mask both give the cells: pass one of them")
+
+
+def check_store_segmentation(dataset: Path, tissue_ids: list[str], source: str) -> None:
+    """``--segment`` on a dataset: every tissue without a stored cell mask must be segmentable (checked before the model loads)."""
+    store = DatasetStore(str(dataset))
+    for tid in tissue_ids:
+        image = store.image("he", tid)
+        if ri.store_has_cell_mask(str(dataset), tid, image.mpp):
+            continue
+        _, h, w = image.shape
+        cs.check_size(h, w, f"{dataset} tissue {tid!r}")
+        if source == "dapi":
+            ri.store_dapi_plane(str(dataset), tid, image.mpp, (h, w))
 
 
 def check_file_tissue_id(out: str, tissue_id: str, he: Path, explicit: bool, overwrite: bool) -> None:
@@ -181,6 +243,8 @@ def predict(args: argparse.Namespace) -> int:
         if args.cell_mask and len(ids) > 1:
             raise ValueError("--cell-mask is for a single tissue; with --split the stored cell masks are used")
         jobs = [TissueJob("store", tid) for tid in ids]
+        if args.segment:
+            check_store_segmentation(he, ids, args.segment)
     else:
         if args.split:
             raise ValueError("--split needs a dataset folder as --he")
@@ -191,6 +255,11 @@ def predict(args: argparse.Namespace) -> int:
         image, _ = ri.open_he_image(he)  # refuse a bad image before loading the model
         _, h, w = image.shape
         image.close()
+        if args.segment == "dapi":
+            raise ValueError("--segment dapi needs a dataset folder as --he (its measured DAPI); use --segment he for an "
+                             "H&E image file")
+        if args.segment:
+            cs.check_size(h, w, f"--he {he}")
         if min(h, w) < ri.PATCH_SIZE:
             log.warning("%s: the image (%d×%d px) is smaller than the model's %d-px patch: every window is mostly white "
                         "padding, so expect weak predictions", he, h, w, ri.PATCH_SIZE)
@@ -200,7 +269,7 @@ def predict(args: argparse.Namespace) -> int:
         load_cell_mask(args.cell_mask)  # refuse a bad mask before loading the model
     distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
 
-    todo, done = pending_jobs(jobs, args.out, options)
+    todo, done = pending_jobs(jobs, args.out, options, need_cells=bool(args.segment))
     for job in done:
         print(f"{job.tissue_id}: already complete in {args.out} (same stride), skipped; --overwrite redoes it")
     if not todo:
@@ -225,12 +294,19 @@ def predict(args: argparse.Namespace) -> int:
             tissue_mask, cell_mask, row = None, None, {"source": str(he.resolve())}
         if args.cell_mask:
             cell_mask = load_cell_mask(args.cell_mask)
+        segmentation = None
+        if args.segment and cell_mask is None:
+            cell_mask, segmentation = segment_tissue(image, mpp, args.segment, args.expand_um,
+                                                     he if job.source == "store" else None, job.tissue_id)
+        elif args.segment:
+            log.info("%s: the dataset stores a cell mask; it is used instead of --segment", job.tissue_id)
         # a tissue without a completion record is a leftover of an interrupted run: redo it
         job_options = dataclasses.replace(options, overwrite=True, progress=options.progress and rank == 0)
         try:
             entry = ri.predict_to_dataset(image, predictor, args.out, job.tissue_id, mpp, job_options,
                                           tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference,
-                                          tissue_row=row, channel_table=channel_table, update_shared=not distributed)
+                                          tissue_row=row, channel_table=channel_table, update_shared=not distributed,
+                                          segmentation=segmentation)
         finally:
             if hasattr(image, "close"):
                 image.close()

@@ -36,6 +36,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "predict": Command("experiments.rosie_predict", "predict multiplex images from H&E (slides or a dataset)"),
         "evaluate": Command("experiments.rosie_evaluate", "score predictions against measured CODEX with the paper's baselines"),
         "experiment": Command("experiments.rosie_experiment", "train, predict and evaluate end to end (make exp-rosie)"),
+        "scgp": Command("experiments.scgp", "tissue structures by SCGP (Fig. 4), ARI/F1 against a reference partition"),
     },
     "virtues": {
         "pretrain": Command("experiments.virtues_pretrain", "pretrain VirTues (LightningCLI; fit is the default)", (), True),
@@ -60,6 +61,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "rosie-inference": Command("benchmarks.rosie_inference", "ROSIE patches/s: model only and full prediction"),
         "rosie-memory": Command("benchmarks.rosie_predict_memory", "peak memory of predicting a 20k x 20k slide"),
         "virtues-attention": Command("benchmarks.virtues_attention", "factorised vs full attention, packed backends"),
+        "cell-segmentation": Command("benchmarks.cell_segmentation", "nucleus/cell object F1 and speed on the synthetic data"),
     },
 }
 

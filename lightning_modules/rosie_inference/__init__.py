@@ -11,7 +11,7 @@ Reading, predicting and writing are separate modules, each explaining its own po
 
 * :mod:`.he_input` — H&E files and arrays behind one lazy ``read`` interface, refused with a fix
   when ROSIE cannot use them; :mod:`.dataset_inputs` — what a dataset folder (masks, tissues
-  row, channel table) and the training set (H&E histograms) lend to a prediction.
+  row, channel table, DAPI plane) and the training set (H&E histograms) lend to a prediction.
 * :mod:`.predictor` — the network behind one call (checkpoint loading, input convention).
 * :mod:`.geometry` — the stride grid, the patch of each block, the foreground policy.
 * :mod:`.tiles` — the sliding window itself, tile by tile (padding and streaming policies).
@@ -30,8 +30,8 @@ from __future__ import annotations
 from datamodules.markers import ROSIE_PANEL  # the default marker names of a checkpoint that names none
 from lightning_modules.rosie_inference.accumulators import CellAccumulator, QCSample, he_histogram_counts
 from lightning_modules.rosie_inference.blend import blend_region
-from lightning_modules.rosie_inference.dataset_inputs import (load_reference_hists, store_channel_table,
-                                                              store_tissue_inputs)
+from lightning_modules.rosie_inference.dataset_inputs import (ChannelPlane, load_reference_hists, store_channel_table,
+                                                              store_dapi_plane, store_has_cell_mask, store_tissue_inputs)
 from lightning_modules.rosie_inference.dataset_prediction import check_prediction_target, predict_to_dataset
 from lightning_modules.rosie_inference.geometry import (MAX_STRIDE, PATCH_SIZE, check_stride, foreground_grid,
                                                         he_thumbnail, output_shape, patch_origin)
@@ -51,6 +51,7 @@ __all__ = [
     # H&E input
     "ArrayHE", "HEInputError", "as_he_image", "check_he", "check_store_he", "open_he_image",
     "load_reference_hists", "store_channel_table", "store_tissue_inputs",
+    "ChannelPlane", "store_dapi_plane", "store_has_cell_mask",
     # model
     "PatchPredictor", "ROSIE_PANEL", "resolve_device",
     # geometry, foreground

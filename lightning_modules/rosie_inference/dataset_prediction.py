@@ -43,7 +43,7 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
                        options: PredictOptions | None = None, tissue_mask: np.ndarray | None = None,
                        cell_mask: Any = None, reference_hists: np.ndarray | None = None,
                        tissue_row: dict | None = None, channel_table: pd.DataFrame | None = None,
-                       update_shared: bool = True) -> dict:
+                       update_shared: bool = True, segmentation: dict | None = None) -> dict:
     """Predict one tissue and write it into the dataset folder ``out`` (created if absent).
 
     Writes ``codex/<mpp·s>mpp/images/<tissue_id>.ome.zarr`` (and, with blending,
@@ -56,7 +56,10 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
     The last file written is the tissue's completion record ``qc/tissues/<tissue_id>.json``
     (:func:`is_complete`). ``update_shared=False`` leaves the dataset-level tables (tissues,
     ``qc.json``, ``qc.csv``) alone, for distributed runs where one rank folds every record in
-    afterwards (:func:`merge_records`). Returns the tissue's QC entry.
+    afterwards (:func:`merge_records`). ``segmentation`` (how the cells were found) says that
+    ``cell_mask`` was segmented for this prediction: the mask is then written into ``out``
+    (``segmentations/<mpp>mpp/cell_masks/instances/<tissue_id>.npz``, at the H&E resolution) with the
+    ``.h5ad``, and the settings are kept in the QC entry. Returns the tissue's QC entry.
     """
     opt = options or PredictOptions()
     stride = check_stride(opt.stride)
@@ -75,6 +78,8 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
             raise StoreError(f"{writer.target(rel)}: a prediction for tissue {tissue_id!r} already exists; "
                              "pass --overwrite to replace it")
     _check_channels(writer, names)
+    if segmentation is not None and cell_mask is None:
+        raise ValueError("segmentation settings were given without the segmented cell mask")
     if cell_mask is not None and tuple(cell_mask.shape) != (h, w):
         raise ValueError(f"cell mask shape {tuple(cell_mask.shape)} disagrees with the H&E image's {(h, w)} "
                          "(it must be at the H&E resolution)")
@@ -143,8 +148,15 @@ def predict_to_dataset(image: Any, predictor: PatchPredictor, out: str | os.Path
         target = writer.target(f"{tissue_id}.ome.tif")
         write_ome_tiff(writer.fs, target, open_zarr_image(writer.fs, writer.target(final_rel)), names, entry["output_mpp"])
         entry["ome_tiff"] = f"{tissue_id}.ome.tif"
+    if segmentation is not None:
+        writer.write_cell_mask(tissue_id, float(mpp), np.asarray(cell_mask))
+        entry["cell_mask"] = layout.cell_mask_path(float(mpp), tissue_id)
+        entry["cell_segmentation"] = dict(segmentation)
     if cells is not None:
-        adata = cells.to_anndata(names, tissue_id, uns={"stride": stride, "he_mpp": float(mpp), "image": grid_rel})
+        uns = {"stride": stride, "he_mpp": float(mpp), "image": grid_rel}
+        if segmentation is not None:
+            uns.update(cell_mask=entry["cell_mask"], cell_segmentation=dict(segmentation))
+        adata = cells.to_anndata(names, tissue_id, uns=uns)
         target = writer.target(f"{tissue_id}.cells.h5ad")
         with local_output(writer.fs, target, ".h5ad") as tmp:
             adata.write_h5ad(tmp)
