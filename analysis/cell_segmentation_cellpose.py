@@ -39,8 +39,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.cell_segmentation import (THRESHOLD_SAMPLE, RegionReader, check_mpp, check_size, hematoxylin_od,
-                                        plane_reader, rgb_reader, segment_tiled, tiles)
+from analysis.cell_segmentation import (
+    THRESHOLD_SAMPLE,
+    RegionReader,
+    check_mpp,
+    check_size,
+    hematoxylin_od,
+    plane_reader,
+    rgb_reader,
+    segment_tiled,
+    tiles,
+)
 from lightning_modules.components.model_files import ModelFileError, UnsafeModelFileError, unsafe_globals
 
 INSTALL_HINT = "install the optional extra: pip install 'virtuplex[segment]' (cellpose>=3)"

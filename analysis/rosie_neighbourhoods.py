@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import Delaunay, QhullError
 from scipy.stats import pearsonr, spearmanr
 
+from analysis.cell_graphs import sample_array
 from analysis.rosie_phenotyping import EPITHELIAL, LYMPHOCYTES
 
 log = logging.getLogger(__name__)
@@ -54,53 +54,6 @@ UNASSIGNED = -1
 EPITHELIAL_PARTITION_FRACTION = 0.5
 NEIGHBOURHOOD_COLUMNS = ["sample_id", "n_cells", "n_epithelial", "n_lymphocytes", "n_lne", "lne_proportion",
                          "n_til"]
-
-
-def _triangulation_edges(xy: np.ndarray) -> np.ndarray:
-    """Delaunay edges (local indices, unsorted, with repeats) of one sample's centroids."""
-    n = len(xy)
-    if n < 2:
-        return np.empty((0, 2), np.int64)
-    if n >= 3:
-        try:
-            tri = Delaunay(xy)
-        except QhullError:
-            tri = None
-        if tri is not None:
-            s = tri.simplices
-            pairs = [s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]]
-            if len(tri.coplanar):  # points Qhull left out (duplicates): joined to their nearest vertex
-                pairs.append(tri.coplanar[:, [0, 2]])
-            return np.concatenate(pairs).astype(np.int64)
-    # 2 cells or all collinear: neighbours along the line (the degenerate triangulation)
-    centred = xy - xy.mean(axis=0)
-    direction = np.linalg.svd(centred, full_matrices=False)[2][0]
-    order = np.argsort(centred @ direction, kind="stable")
-    return np.stack([order[:-1], order[1:]], axis=1).astype(np.int64)
-
-
-def delaunay_edges(centroids_um: np.ndarray, sample_ids: np.ndarray | None = None, *,
-                   max_edge_um: float | None = None) -> np.ndarray:
-    """(E, 2) int64 unique undirected Delaunay edges ``i < j`` (global cell indices), per sample, sorted.
-
-    ``centroids_um``: (N, 2) cell centroids in µm; ``sample_ids``: one per cell (None = one sample);
-    ``max_edge_um``: drop longer edges (None = keep all, the paper's graph).
-    """
-    xy = np.asarray(centroids_um, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
-        raise ValueError(f"centroids must be a finite (N, 2) array in µm, got shape {xy.shape}")
-    if max_edge_um is not None and not max_edge_um > 0:
-        raise ValueError(f"max_edge_um must be > 0 µm or None, got {max_edge_um}")
-    samples = _samples(sample_ids, len(xy))
-    parts = [np.empty((0, 2), np.int64)]
-    for rows in _groups(samples):
-        local = _triangulation_edges(xy[rows])
-        if max_edge_um is not None:
-            local = local[np.linalg.norm(xy[rows][local[:, 0]] - xy[rows][local[:, 1]], axis=1) <= max_edge_um]
-        parts.append(rows[local])
-    edges = np.sort(np.concatenate(parts), axis=1)
-    edges = edges[edges[:, 0] != edges[:, 1]]
-    return np.unique(edges, axis=0)
 
 
 def lne_mask(labels: np.ndarray, edges: np.ndarray, *, epithelial: str = EPITHELIAL,
@@ -148,7 +101,7 @@ def neighbourhood_table(labels: np.ndarray, edges: np.ndarray, sample_ids: np.nd
     or None for no TIL column values (NaN). Columns :data:`NEIGHBOURHOOD_COLUMNS`.
     """
     labels = np.asarray(labels).astype(str)
-    samples = _samples(sample_ids, len(labels))
+    samples = sample_array(sample_ids, len(labels))
     lne = lne_mask(labels, edges, epithelial=epithelial, lymphocytes=lymphocytes)
     til = np.full(len(labels), np.nan)
     if partitions is not None:
@@ -216,22 +169,6 @@ def plot_neighbourhood_scatter(measured: pd.DataFrame, predicted: pd.DataFrame, 
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def _samples(sample_ids: np.ndarray | None, n: int) -> np.ndarray:
-    if sample_ids is None:
-        return np.zeros(n, dtype=np.int64)
-    samples = np.asarray(sample_ids)
-    if samples.shape != (n,):
-        raise ValueError(f"sample_ids must have one entry per cell ({n}), got shape {samples.shape}")
-    return samples
-
-
-def _groups(samples: np.ndarray) -> list[np.ndarray]:
-    """Cell indices of each sample (sorted by sample id)."""
-    _, inverse = np.unique(samples, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1) if len(order) else []
 
 
 def _check_edges(edges: np.ndarray, n: int) -> np.ndarray:

@@ -62,8 +62,10 @@ import leidenalg as la
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial import Delaunay, QhullError, cKDTree
+from scipy.spatial import cKDTree
 from sklearn.metrics import adjusted_rand_score
+
+from analysis.cell_graphs import delaunay_edges, sample_array
 
 #: Label of cells in no partition (removed small partitions, undecided smoothing), as in SCGP.
 UNASSIGNED = -1
@@ -93,7 +95,7 @@ def normalize_expression(expression: np.ndarray, sample_ids: np.ndarray | None =
     within a sample becomes 0 there instead of NaN.
     """
     x = np.asarray(expression, dtype=np.float64)
-    samples = _sample_array(sample_ids, len(x))
+    samples = sample_array(sample_ids, len(x))
     out = np.empty_like(x)
     for sample in np.unique(samples):
         rows = samples == sample
@@ -108,27 +110,9 @@ def spatial_edges(xy_um: np.ndarray, sample_ids: np.ndarray | None = None,
     """Undirected Delaunay edges (i < j) no longer than ``max_distance_um``, within each sample.
 
     Why the cutoff: the triangulation also joins cells across empty space (tissue edges, holes,
-    lumens), which are not neighbours. A sample whose cells are too few or collinear for a
-    triangulation gets every pair within the cutoff instead.
+    lumens), which are not neighbours (:func:`analysis.cell_graphs.delaunay_edges`).
     """
-    xy = np.asarray(xy_um, dtype=np.float64)
-    samples = _sample_array(sample_ids, len(xy))
-    pairs = []
-    for sample in np.unique(samples):
-        idx = np.flatnonzero(samples == sample)
-        pts = xy[idx]
-        local = None
-        if len(idx) >= 3:
-            try:
-                tri = Delaunay(pts).simplices
-                local = np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [0, 2]]])
-            except QhullError:
-                local = None
-        if local is None:
-            local = cKDTree(pts).query_pairs(max_distance_um, output_type="ndarray").reshape(-1, 2)
-        keep = np.linalg.norm(pts[local[:, 0]] - pts[local[:, 1]], axis=1) <= max_distance_um
-        pairs.append(idx[local[keep]])
-    return _unique_pairs(np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64), len(xy))
+    return delaunay_edges(xy_um, sample_ids, max_edge_um=max_distance_um)
 
 
 def feature_edges(features: np.ndarray, feature_knn: int = FEATURE_KNN) -> np.ndarray:
@@ -183,7 +167,7 @@ def scgp_partition(xy_um: np.ndarray, features: np.ndarray, sample_ids: np.ndarr
     n = len(xy)
     if n == 0:
         return np.empty(0, np.int64)
-    samples = _sample_array(sample_ids, n)
+    samples = sample_array(sample_ids, n)
     feats = normalize_expression(f, samples) if normalize else f
     spatial = spatial_edges(xy, samples, max_distance_um)
     loops = np.repeat(np.arange(n)[:, None], 2, axis=1)
@@ -284,7 +268,7 @@ def partition_scores(pred: np.ndarray, ref: np.ndarray, sample_ids: np.ndarray |
     multinomial, so each resample costs O(labels²) whatever the number of cells.
     """
     pred, ref = _label_pair(pred, ref)
-    samples = _sample_array(sample_ids, len(pred))
+    samples = sample_array(sample_ids, len(pred))
     match = match_partitions(pred, ref)
     labels = np.unique(ref[ref != UNASSIGNED])
     rng = np.random.default_rng(seed)
@@ -389,15 +373,6 @@ def _bootstrap_macro_f1(confusion: np.ndarray, n_boot: int, rng: np.random.Gener
     macro = np.array([_macro(_f1_from_confusion(d)) for d in draws])
     low, high = np.nanpercentile(macro, [2.5, 97.5])
     return float(low), float(high)
-
-
-def _sample_array(sample_ids: np.ndarray | None, n: int) -> np.ndarray:
-    if sample_ids is None:
-        return np.zeros(n, dtype=np.int64)
-    samples = np.asarray(sample_ids)
-    if samples.shape != (n,):
-        raise ValueError(f"sample_ids must have one entry per cell ({n}), got shape {samples.shape}")
-    return samples
 
 
 def _unique_pairs(pairs: np.ndarray, n: int) -> np.ndarray:

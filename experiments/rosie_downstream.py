@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.cell_graphs import delaunay_edges
 from analysis.outputs import atomic_output_dir, check_output_folder, json_default
 from analysis.rosie_baselines import MorphologyData, cell_morphology_predictions
-from analysis.rosie_neighbourhoods import compare_neighbourhoods, delaunay_edges, neighbourhood_table, plot_neighbourhood_scatter
+from analysis.rosie_neighbourhoods import compare_neighbourhoods, neighbourhood_table, plot_neighbourhood_scatter
 from analysis.rosie_phenotyping import load_type_markers, phenotype_cells, plot_confusion, plot_f1_bars
 from analysis.rosie_qc import filter_table, per_sample_quality, plot_quality
 from analysis.scgp import partition_scores, plot_partition_maps, scgp_partition

@@ -23,9 +23,8 @@ import numpy as np
 import pandas as pd
 
 import experiments.cli  # noqa: F401  (W&B offline by default)
-from analysis.rosie_metrics import he_histograms
 from datamodules.command_line import run_command
-from datamodules.store import DatasetStore
+from datamodules.he_histograms import training_he_histograms
 from experiments.reporting import (
     Curve,
     CurvePanel,
@@ -41,9 +40,12 @@ from experiments.reporting import (
     train_with_cli,
     write_report,
 )
+from experiments.rosie_downstream import run as run_downstream
+from experiments.rosie_downstream_report import report_section as downstream_section
 from experiments.rosie_evaluation_pipeline import evaluate
 from experiments.rosie_predict import main as rosie_predict
 from experiments.rosie_train import main as rosie_train
+from lightning_modules.components.model_files import load_torch_file
 
 NAMES = {"rosie": "ROSIE", "he_expression": "H&E expression", "cell_morphology": "Cell morphology"}
 #: Training loss and the patch-level validation Pearson R that early stopping monitors.
@@ -51,16 +53,6 @@ TRAINING_CURVES = (
     CurvePanel("training loss (masked MSE)", (Curve("train/loss"),), log_y=True),
     CurvePanel("validation Pearson R (patches)", (Curve("val/pearson_r", marker="o"),)),
 )
-
-
-def reference_histograms(data_dir: str, split: str = "train") -> np.ndarray:
-    """256-bin H&E histograms (inside the tissue mask) of the training tissues, for the W1 QC score."""
-    store = DatasetStore(data_dir)
-    hists = []
-    for tid in store.tissue_ids(split):
-        image = store.image("he", tid)
-        hists.append(he_histograms(image.read_all(), store.tissue_mask(tid, image.mpp)))
-    return np.stack(hists)
 
 
 def report_body(summary: pd.DataFrame, per_marker: pd.DataFrame, qc: dict, info: dict) -> list[str]:
@@ -101,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--ckpt", default=None, help="skip training and evaluate this checkpoint")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the downstream analyses (training: the config's)")
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args, argv))
@@ -120,11 +113,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         ckpt, metrics = trained.checkpoint, trained.metrics
     train_minutes = (time.perf_counter() - t0) / 60
 
-    ref = run_dir / "reference_he_histograms.npy"
-    np.save(ref, reference_histograms(args.data))
     pred_dir = run_dir / "predictions"
+    reference = []
+    if load_torch_file(ckpt, mmap=True).get("reference_he_histograms") is None:  # a checkpoint from before they travelled in it
+        np.save(run_dir / "reference_he_histograms.npy", training_he_histograms([args.data]))
+        reference = ["--reference-hist", str(run_dir / "reference_he_histograms.npy")]
     code = rosie_predict(["--ckpt", ckpt, "--he", args.data, "--split", args.split, "--out", str(pred_dir),
-                          "--stride", str(args.stride), "--ome-tiff", "--reference-hist", str(ref), "--overwrite"])
+                          "--stride", str(args.stride), "--ome-tiff", "--overwrite", "--no-progress", *reference])
     if code:
         raise ValueError(f"prediction of the held-out tissues failed (exit {code}; its error is above)")
     qc = json.loads((pred_dir / "qc.json").read_text()) if (pred_dir / "qc.json").exists() else {}
@@ -136,6 +131,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for name in ("summary.csv", "per_marker.csv", "per_sample.csv"):
         if (eval_dir / name).exists():
             shutil.copyfile(eval_dir / name, run_dir / name)
+    downstream = run_downstream(pred_dir, args.data, run_dir / "downstream", split=args.split, evaluation=str(eval_dir),
+                                seed=args.seed, overwrite=True)
     figures = sorted(eval_dir.glob("*.png"))
     curve = plot_training_curves(metrics, run_dir / "training_curves.png", TRAINING_CURVES)
     if curve:
@@ -148,7 +145,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "stride": args.stride, "arch": hp.get("arch", "?"), "train_minutes": train_minutes,
         "device": device_name(), "patches_per_s": _patches_per_s(tissues_qc),
     }
-    report = write_report(run_dir, f"ROSIE on {args.data}", report_body(summary, per_marker, _qc_rows(tissues_qc), info),
+    body = report_body(summary, per_marker, _qc_rows(tissues_qc), info)
+    body += downstream_section(downstream["tables"], downstream, figure_dir="downstream") + [""]
+    report = write_report(run_dir, f"ROSIE on {args.data}", body,
                           figures, reproduce_command("exp-rosie", "experiments.rosie_experiment", argv))
     log_to_wandb(run_dir, "virtuplex-rosie", f"{run_dir.name}-eval", summary, per_marker, figures,
                  summary_key=lambda row: f"{row.method}/pearson_r")

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+from analysis.cell_graphs import delaunay_edges
 from analysis.rosie_neighbourhoods import (
     NEIGHBOURHOOD_COLUMNS,
     compare_across_samples,
     compare_neighbourhoods,
-    delaunay_edges,
     epithelial_partitions,
     lne_mask,
     neighbourhood_table,
