@@ -6,6 +6,8 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.install.stamp
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SYNTH_DIR ?= data/synthetic
+# 48 tissues of 512 px: 34 train / 7 val / 7 test (the downstream analyses compare held-out samples)
+SYNTH_TISSUES ?= 48
 ROSIE_CONFIG ?= experiments/configs/rosie/synthetic.yaml
 VIRTUES_CONFIG ?= experiments/configs/virtues/synthetic.yaml
 export WANDB_MODE ?= offline
@@ -33,8 +35,8 @@ test-slow: install
 	$(PY) -m pytest -q -m slow --timeout 3600
 
 data-synthetic: install
-	@if [ -f $(SYNTH_DIR)/.complete ]; then echo "synthetic dataset present: $(SYNTH_DIR)"; else \
-	  $(PY) -m experiments.data_synthetic --out $(SYNTH_DIR) --tissues 20 --size 512 --seed 0; fi
+	@if grep -q '"n_tissues": $(SYNTH_TISSUES),' $(SYNTH_DIR)/.complete 2>/dev/null; then echo "synthetic dataset present: $(SYNTH_DIR)"; else \
+	  $(PY) -m experiments.data_synthetic --out $(SYNTH_DIR) --tissues $(SYNTH_TISSUES) --size 512 --seed 0 --overwrite; fi
 
 exp-rosie: install data-synthetic
 	$(PY) -m experiments.rosie_experiment --config $(ROSIE_CONFIG) --data $(SYNTH_DIR)

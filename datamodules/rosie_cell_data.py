@@ -12,6 +12,7 @@ mask: the truth dataset's (the paper segments the measured DAPI), else the one `
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from analysis.cell_segmentation import segment_cells_dapi, segment_cells_he
 from analysis.rosie_baselines import cell_features
 from datamodules.store import DatasetStore
 
@@ -38,7 +40,7 @@ class SampleCells:
     features: np.ndarray  # (N, 22) morphometry + mean RGB: the morphology baseline's input
     measured: np.ndarray  # (N, M) mean measured expression per cell, markers in the order asked
     predicted: np.ndarray | None  # (N, M) mean ROSIE prediction per cell (None: not predicted)
-    mask_source: str  # "truth" | "prediction"
+    mask_source: str  # "truth" | "prediction" | "segmented (dapi|he)"
     labels: np.ndarray | None = None  # the user's own cell labels (cells.parquet), if asked for
 
     @property
@@ -85,8 +87,43 @@ def cell_centroids_um(mask: np.ndarray, cell_ids: np.ndarray, mpp: float) -> np.
     return centres[:, ::-1].copy() * mpp if len(centres) else np.zeros((0, 2))
 
 
+#: Where cells come from: the stored masks, or the paper's segmentation of the measured DAPI (or of the H&E).
+CELL_SOURCES = ("stored", "dapi", "he")
+
+
+def segmented_cells(truth: DatasetStore, tissue_id: str, mpp: float, source: str) -> np.ndarray:
+    """Cells segmented by :mod:`analysis.cell_segmentation`: ``dapi`` = the measured DAPI channel (the
+    paper: "segmentation masks calculated from the DAPI channel"), ``he`` = the H&E's hematoxylin."""
+    if source == "dapi":
+        codex = truth.image(MODALITY, tissue_id, mpp)
+        names = [n.lower() for n in codex.channel_names]
+        if "dapi" not in names:
+            raise ValueError(f"{codex.path}: no DAPI channel to segment (channels: {codex.channel_names[:6]}...); "
+                             "use --cells he or stored masks")
+        dapi = codex.read(0, 0, *codex.shape[1:], [names.index("dapi")])[0]
+        return segment_cells_dapi(dapi, mpp).cells
+    return segment_cells_he(truth.image("he", tissue_id, mpp).read_all(), mpp).cells
+
+
+@functools.lru_cache(maxsize=8)
+def _segmented_cached(url: str, tissue_id: str, mpp: float, source: str) -> np.ndarray:
+    return segmented_cells(DatasetStore(url), tissue_id, mpp, source)
+
+
+def cell_mask_for(truth: DatasetStore, tissue_id: str, mpp: float, cells: str = "stored") -> np.ndarray | None:
+    """The cells of a tissue as an instance mask: the stored one (None when absent) or segmented here
+    (cached, so the baselines and the tables of one run see the same cells)."""
+    if cells not in CELL_SOURCES:
+        raise ValueError(f"cells={cells!r}: choose from {CELL_SOURCES}")
+    if cells == "stored":
+        return truth.cell_mask(tissue_id, mpp)
+    return _segmented_cached(truth.url, tissue_id, float(mpp), cells)
+
+
 def _cell_mask(truth: DatasetStore, pred: DatasetStore | None, tissue_id: str, mpp: float,
-               shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+               shape: tuple[int, int], source: str = "stored") -> tuple[np.ndarray | None, str]:
+    if source != "stored":
+        return cell_mask_for(truth, tissue_id, mpp, source), f"segmented ({source})"
     mask = truth.cell_mask(tissue_id, mpp)
     if mask is not None and mask.shape == shape:
         return mask, "truth"
@@ -100,17 +137,20 @@ def _cell_mask(truth: DatasetStore, pred: DatasetStore | None, tissue_id: str, m
 
 def read_sample_cells(truth: DatasetStore, tissue_id: str, truth_channels: Sequence[str],
                       pred: DatasetStore | None = None, pred_channels: Sequence[str] | None = None,
-                      pred_mpp: float | None = None, label_column: str | None = None) -> SampleCells | None:
+                      pred_mpp: float | None = None, label_column: str | None = None,
+                      cells: str = "stored") -> SampleCells | None:
     """One tissue's cells; None (logged) when it has no cell mask on the measured grid.
 
     ``truth_channels`` / ``pred_channels``: the matched marker names in each dataset, same order
     (``datamodules.rosie_evaluation_data.match_panel``). ``pred`` None: measured and features only
-    (training tissues of the morphology baseline).
+    (training tissues of the morphology baseline). ``cells``: ``stored`` masks (the truth dataset's,
+    else a ``rosie_predict --segment`` mask), or segment the measured ``dapi`` / the ``he`` here. User
+    labels need stored masks (their ids are the mask's).
     """
     mpp = truth.resolutions(MODALITY)[0]
     codex = truth.image(MODALITY, tissue_id, mpp)
     shape = tuple(codex.shape[1:])
-    mask, source = _cell_mask(truth, pred, tissue_id, mpp, shape)
+    mask, source = _cell_mask(truth, pred, tissue_id, mpp, shape, cells)
     if mask is None:
         log.warning("%s: no cell mask at %g µm/px in %s%s: its cells are left out (segment with rosie_predict "
                     "--segment, or ingest a --cell-mask)", tissue_id, mpp, truth.url, f" or {pred.url}" if pred else "")
@@ -133,6 +173,8 @@ def read_sample_cells(truth: DatasetStore, tissue_id: str, truth_channels: Seque
         predicted = per_cell_means(image, [pnames.index(c) for c in pred_channels], mask, cell_ids, scale)
     labels = None
     if label_column is not None:
+        if cells != "stored":
+            raise ValueError("--label-column needs the stored cell masks (the labels' cell ids are theirs); drop --cells")
         labels = _user_labels(truth, tissue_id, cell_ids, label_column)
     return SampleCells(tissue_id, cell_ids, cell_centroids_um(mask, cell_ids, mpp), features, measured, predicted,
                        source, labels)

@@ -41,6 +41,7 @@ from analysis.rosie_figures import SampleLoader, display_factor
 from analysis.rosie_patch_level import PatchLevelTruth
 from datamodules.markers import canonical_marker, match_markers
 from datamodules.preprocess import otsu_tissue_mask
+from datamodules.rosie_cell_data import cell_mask_for
 from datamodules.sampling import block_means, read_padded, tissue_fraction_grid
 from datamodules.store import DatasetStore, StoreError
 
@@ -211,9 +212,11 @@ def read_he(truth: DatasetStore, tissue_id: str, mpp: float) -> np.ndarray:
     return truth.image("he", tissue_id, mpp).read_all()
 
 
-def read_morphometry_inputs(truth: DatasetStore, tissue_id: str, mpp: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """(cell mask (H, W), H&E (3, H, W)) at ``mpp``, the inputs of the morphometry features; None without a cell mask."""
-    mask = truth.cell_mask(tissue_id, mpp)
+def read_morphometry_inputs(truth: DatasetStore, tissue_id: str, mpp: float,
+                            cells: str = "stored") -> tuple[np.ndarray, np.ndarray] | None:
+    """(cell mask (H, W), H&E (3, H, W)) at ``mpp``, the inputs of the morphometry features; None without a
+    cell mask. ``cells``: the stored masks, or segment the measured ``dapi`` (the paper) / the ``he``."""
+    mask = cell_mask_for(truth, tissue_id, mpp, cells)
     if mask is None:
         return None
     he = read_he(truth, tissue_id, mpp)
@@ -222,8 +225,9 @@ def read_morphometry_inputs(truth: DatasetStore, tissue_id: str, mpp: float) -> 
     return mask, he
 
 
-def _morph_features(truth: DatasetStore, tissue_id: str, mpp: float, origins: np.ndarray, s: int) -> np.ndarray | None:
-    inputs = read_morphometry_inputs(truth, tissue_id, mpp)
+def _morph_features(truth: DatasetStore, tissue_id: str, mpp: float, origins: np.ndarray, s: int,
+                    cells: str = "stored") -> np.ndarray | None:
+    inputs = read_morphometry_inputs(truth, tissue_id, mpp, cells)
     if inputs is None:
         return None
     mask, he = inputs
@@ -231,10 +235,11 @@ def _morph_features(truth: DatasetStore, tissue_id: str, mpp: float, origins: np
 
 
 def _training_patches(truth: DatasetStore, tissue_id: str, match: pd.DataFrame, mpp: float, s: int,
-                      max_patches: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                      max_patches: int, rng: np.random.Generator,
+                      cells: str = "stored") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Features, targets and presence of a (train/val) tissue's in-tissue blocks; None without a cell mask."""
     m = match[match["status"] == "matched"]
-    if truth.cell_mask(tissue_id, mpp) is None:
+    if cells == "stored" and truth.cell_mask(tissue_id, mpp) is None:
         log.warning("cell_morphology: %s has no cell mask at %g µm/px; not used for training", tissue_id, mpp)
         return None
     timg = truth.image(MODALITY, tissue_id, mpp)
@@ -245,7 +250,7 @@ def _training_patches(truth: DatasetStore, tissue_id: str, match: pd.DataFrame, 
     index = np.argwhere(sel)
     if len(index) > max_patches:
         index = index[np.sort(rng.choice(len(index), max_patches, replace=False))]
-    x = _morph_features(truth, tissue_id, mpp, index * s, s)
+    x = _morph_features(truth, tissue_id, mpp, index * s, s, cells)
     y = tb[:, index[:, 0], index[:, 1]].T
     present = np.broadcast_to(_present(truth, tissue_id, m["measured_channel"].tolist()), y.shape)
     return x, y, present
@@ -253,7 +258,7 @@ def _training_patches(truth: DatasetStore, tissue_id: str, match: pd.DataFrame, 
 
 def cell_morphology_inputs(truth: DatasetStore, tissues: Sequence[TissuePatches], match: pd.DataFrame,
                            evaluated_ids: Sequence[str], max_train_patches: int = 200_000,
-                           seed: int = 0) -> tuple[MorphologyData | None, str]:
+                           seed: int = 0, cells: str = "stored") -> tuple[MorphologyData | None, str]:
     """Read the morphology baseline's training data (the truth dataset's train/val tissues) and the
     features of the evaluated tissues' blocks, for :func:`analysis.rosie_baselines.cell_morphology_predictions`.
 
@@ -264,7 +269,7 @@ def cell_morphology_inputs(truth: DatasetStore, tissues: Sequence[TissuePatches]
     mpp, s = tissues[0].truth_mpp, tissues[0].stride
     if any(t.stride != s or t.truth_mpp != mpp for t in tissues):
         return None, "evaluated tissues were predicted at different strides; the MLP's patch size must be one"
-    missing = [t.tissue_id for t in tissues if truth.cell_mask(t.tissue_id, mpp) is None]
+    missing = [t.tissue_id for t in tissues if cells == "stored" and truth.cell_mask(t.tissue_id, mpp) is None]
     if missing:
         return None, (f"no cell mask at {mpp:g} µm/px (segmentations/{mpp:g} µm/px/cell_masks) for evaluated tissue(s) "
                       f"{missing}; segment the H&E/DAPI first")
@@ -285,7 +290,7 @@ def cell_morphology_inputs(truth: DatasetStore, tissues: Sequence[TissuePatches]
         per = max(1, max_train_patches // max(1, len(ids)))
         for tid in ids:
             with contextlib.suppress(StoreError):
-                got = _training_patches(truth, tid, match, mpp, s, per, rng)
+                got = _training_patches(truth, tid, match, mpp, s, per, rng, cells)
                 if got is not None and len(got[0]):
                     parts.append(got)
         if not parts:
@@ -296,7 +301,7 @@ def cell_morphology_inputs(truth: DatasetStore, tissues: Sequence[TissuePatches]
     if train is None:
         return None, "no 'train' tissue of the truth dataset has measured CODEX, H&E and a cell mask at the evaluated resolution"
     val = gather(val_ids) if val_ids else None
-    features = {t.tissue_id: _morph_features(truth, t.tissue_id, mpp, t.origins, s) for t in tissues}
+    features = {t.tissue_id: _morph_features(truth, t.tissue_id, mpp, t.origins, s, cells) for t in tissues}
     return MorphologyData(train=train, val=val, features=features, n_train_tissues=len(train_ids)), ""
 
 

@@ -50,7 +50,7 @@ from analysis.rosie_qc import filter_table, per_sample_quality, plot_quality
 from analysis.scgp import partition_scores, plot_partition_maps, scgp_partition
 from datamodules import layout
 from datamodules.command_line import run_command
-from datamodules.rosie_cell_data import MODALITY, SampleCells, read_sample_cells
+from datamodules.rosie_cell_data import CELL_SOURCES, MODALITY, SampleCells, read_sample_cells
 from datamodules.rosie_evaluation_data import match_panel
 from datamodules.store import DatasetStore, StoreError
 from experiments.rosie_downstream_report import PAPER, report_section
@@ -82,7 +82,8 @@ def _with_indicator(features: np.ndarray) -> np.ndarray:
 
 
 def read_cells(pred: DatasetStore, truth: DatasetStore, split: str, train_split: str = "train", val_split: str = "val",
-               label_column: str | None = None, morphology_epochs: int = 50, seed: int = 0) -> EvaluatedCells:
+               label_column: str | None = None, morphology_epochs: int = 50, seed: int = 0,
+               cells: str = "stored") -> EvaluatedCells:
     """Measured, ROSIE and morphology-baseline expression of every cell of the evaluated tissues."""
     match = match_panel(pred.channels(MODALITY)["channel_name"].tolist(), truth.channels(MODALITY)["channel_name"].tolist())
     matched = match[match["status"] == "matched"]
@@ -93,11 +94,12 @@ def read_cells(pred: DatasetStore, truth: DatasetStore, split: str, train_split:
     ids = [t for t in truth.tissue_ids(split) if t in predicted_ids]
     if not ids:
         raise StoreError(f"{pred.url}: no predicted tissue of split {split!r} of {truth.url}; predict them first")
-    samples = [s for t in ids if (s := read_sample_cells(truth, t, tnames, pred, pnames, label_column=label_column))]
+    samples = [s for t in ids
+               if (s := read_sample_cells(truth, t, tnames, pred, pnames, label_column=label_column, cells=cells))]
     if not samples:
         raise StoreError(f"{truth.url}: none of the {len(ids)} evaluated tissues has a cell mask; segment them "
                          "(rosie_predict --segment) or ingest cell masks")
-    morphology = _morphology_predictions(truth, tnames, samples, train_split, val_split, morphology_epochs, seed)
+    morphology = _morphology_predictions(truth, tnames, samples, train_split, val_split, morphology_epochs, seed, cells)
     stack = np.concatenate
     return EvaluatedCells(
         sample_ids=stack([np.full(s.n_cells, s.tissue_id, dtype=object) for s in samples]),
@@ -108,14 +110,14 @@ def read_cells(pred: DatasetStore, truth: DatasetStore, split: str, train_split:
 
 
 def _morphology_predictions(truth: DatasetStore, channels: list[str], evaluated: list[SampleCells], train_split: str,
-                            val_split: str, epochs: int, seed: int) -> dict[str, np.ndarray]:
+                            val_split: str, epochs: int, seed: int, cells: str) -> dict[str, np.ndarray]:
     """The paper's cell-morphology baseline at the cell level: MLP from morphometry + mean RGB to expression."""
     def gather(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        cells = [c for t in truth.tissue_ids(split) if (c := read_sample_cells(truth, t, channels)) is not None]
-        if not cells:
+        found = [c for t in truth.tissue_ids(split) if (c := read_sample_cells(truth, t, channels, cells=cells)) is not None]
+        if not found:
             return None
-        y = np.concatenate([c.measured for c in cells])
-        return _with_indicator(np.concatenate([c.features for c in cells])), y, np.ones(y.shape, bool)
+        y = np.concatenate([c.measured for c in found])
+        return _with_indicator(np.concatenate([c.features for c in found])), y, np.ones(y.shape, bool)
 
     train = gather(train_split)
     if train is None:
@@ -141,7 +143,8 @@ def pearson_table(cells: EvaluatedCells, evaluation: str | None) -> tuple[pd.Dat
 def run(pred: str | Path, truth: str | Path, out: str | Path, *, split: str = "test", evaluation: str | None = None,
         parts: Sequence[str] = PARTS, label_column: str | None = None, cell_types: str | None = None,
         morphology_epochs: int = 50, scgp_resolution: float | None = None, dynamic_range_threshold: float | None = None,
-        n_boot: int = 1000, knn_k: int = 100, seed: int = 0, overwrite: bool = False, figures: bool = True) -> dict:
+        n_boot: int = 1000, knn_k: int = 100, cells_from: str = "stored", seed: int = 0, overwrite: bool = False,
+        figures: bool = True) -> dict:
     """Run the asked parts; write tables, figures, ``downstream.json`` and ``downstream.md`` to ``out``."""
     t0 = time.perf_counter()
     check_output_folder(out, COMMAND, overwrite)
@@ -151,11 +154,12 @@ def run(pred: str | Path, truth: str | Path, out: str | Path, *, split: str = "t
     pred_store, truth_store = DatasetStore(str(pred)), DatasetStore(str(truth))
     split = layout.normalise_split(split)
     results: dict = {"settings": {"pred": str(pred), "truth": str(truth), "split": split, "parts": list(parts),
-                                  "seed": seed, "morphology_epochs": morphology_epochs, "knn_k": knn_k}}
+                                  "seed": seed, "morphology_epochs": morphology_epochs, "knn_k": knn_k,
+                                  "cells": cells_from}}
     tables: dict[str, pd.DataFrame] = {}
     figs: dict[str, Callable[[Path], object]] = {}  # file name -> draws it at a path
     cells = read_cells(pred_store, truth_store, split, label_column=label_column, morphology_epochs=morphology_epochs,
-                       seed=seed) if {"phenotyping", "scgp", "neighbourhoods"} & set(parts) else None
+                       seed=seed, cells=cells_from) if {"phenotyping", "scgp", "neighbourhoods"} & set(parts) else None
     labels: dict[str, np.ndarray] = {}
     partitions: dict[str, np.ndarray] = {}
     if cells is not None:
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None, help="use this cells.parquet column as reference labels "
                    "(default: Leiden clusters of the measured expression, annotated by marker profile)")
     p.add_argument("--cell-types", default=None, help="YAML/CSV marker -> cell type table (default: the paper's 7 types)")
+    p.add_argument("--cells", choices=CELL_SOURCES, default="stored",
+                   help="cells from the stored masks, or segmented here from the measured DAPI (the paper) or the H&E")
     p.add_argument("--morphology-epochs", type=int, default=50, help="epochs of the morphology MLP (paper: 50)")
     p.add_argument("--scgp-resolution", type=float, default=None, help="SCGP CPM resolution (default: scaled to the cell count)")
     p.add_argument("--dynamic-range-threshold", type=float, default=None,
@@ -273,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(args.pred, args.truth, args.out, split=args.split, evaluation=args.evaluation, parts=parts,
                      label_column=args.label_column, cell_types=args.cell_types, morphology_epochs=args.morphology_epochs,
                      scgp_resolution=args.scgp_resolution, dynamic_range_threshold=args.dynamic_range_threshold,
-                     n_boot=args.bootstrap, knn_k=args.knn_k, seed=args.seed, overwrite=args.overwrite, figures=not args.no_figures)
+                     n_boot=args.bootstrap, knn_k=args.knn_k, cells_from=args.cells, seed=args.seed, overwrite=args.overwrite, figures=not args.no_figures)
         print("\n".join(report_section(result["tables"], result, figure_dir=None)))
         print(f"wrote {args.out} in {result['seconds']} s")
 

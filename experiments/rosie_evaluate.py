@@ -31,6 +31,7 @@ from analysis.rosie_evaluation import METHODS
 from datamodules import layout
 from datamodules.command_line import run_command
 from datamodules.rosie import normalize_he
+from datamodules.rosie_cell_data import CELL_SOURCES
 from datamodules.rosie_evaluation_data import is_patch_level_truth
 from experiments import rosie_evaluation_pipeline as pipeline
 from lightning_modules.rosie import RosieModule, load_rosie_checkpoint
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-mpp", type=float, default=None, help="prediction resolution to use when it has several (default: coarsest)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--morphology-epochs", type=int, default=50, help="epochs of the cell-morphology MLP (paper: 50)")
+    p.add_argument("--cells", choices=CELL_SOURCES, default="stored",
+                   help="cells of the morphology baseline: the stored masks, or segmented here from the measured DAPI "
+                        "(the paper) or the H&E")
     p.add_argument("--patch-stride", type=int, default=8, help="patch-level mode: block size of the per-patch prediction grid")
     p.add_argument("--gradcam-ckpt", default=None, help="RosieModule checkpoint for the Grad-CAM figure")
     p.add_argument("--gradcam-markers", nargs="+", default=["CD45", "PanCK"])
@@ -123,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         gradcam["gradcam_model_markers"] = list(gradcam["gradcam_model"].marker_names)
     return pipeline.evaluate(args.pred, args.truth, args.out, methods=args.methods or METHODS, split=args.split,
                              overwrite=args.overwrite, pred_mpp=args.pred_mpp, morphology_epochs=args.morphology_epochs,
+                             cells=args.cells,
                              figures=not args.no_figures, seed=args.seed, **gradcam)
 
 

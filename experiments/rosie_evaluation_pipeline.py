@@ -41,6 +41,7 @@ from analysis.rosie_metrics import SamplePatches
 from analysis.rosie_patch_level import PredictFn, predict_patch_mean
 from datamodules import layout, rosie_evaluation_data
 from datamodules.markers import match_markers
+from datamodules.provenance import PREDICTION, dataset_kind
 from datamodules.rosie_evaluation_data import (
     MODALITY,
     cell_morphology_inputs,
@@ -52,7 +53,6 @@ from datamodules.rosie_evaluation_data import (
     read_he,
     read_rgb_png,
 )
-from datamodules.provenance import PREDICTION, dataset_kind
 from datamodules.store import DatasetStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,12 @@ def evaluate(
     gradcam_markers: Sequence[str] = ("CD45", "PanCK"),
     gradcam_patches: int = 4,
     seed: int = 0,
+    cells: str = "stored",
 ) -> dict[str, pd.DataFrame]:
     """Score the predicted tissues of ``pred_dir`` against ``truth_dir``; write tables and figures to ``out_dir``.
+
+    ``cells``: where the cell-morphology baseline's cells come from — the stored masks, or the measured
+    ``dapi`` segmented here as in the paper ("segmentation masks calculated from the DAPI channel").
 
     ``split``: evaluate only predicted tissues of this split of the truth dataset (None = every
     predicted tissue that has a measurement). Returns the tables (``summary``, ``per_marker``,
@@ -225,7 +229,7 @@ def evaluate(
                 except StoreError as exc:
                     skipped.append(("he_expression", f"H&E not readable at the truth resolution: {exc}"))
         if "cell_morphology" in methods:
-            data, reason = cell_morphology_inputs(truth, tlist, match, ids, max_train_patches, seed)
+            data, reason = cell_morphology_inputs(truth, tlist, match, ids, max_train_patches, seed, cells)
             if data is None:
                 skipped.append(("cell_morphology", reason))
             else:

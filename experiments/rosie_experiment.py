@@ -25,6 +25,7 @@ import pandas as pd
 import experiments.cli  # noqa: F401  (W&B offline by default)
 from datamodules.command_line import run_command
 from datamodules.he_histograms import training_he_histograms
+from datamodules.rosie_cell_data import CELL_SOURCES
 from experiments.reporting import (
     Curve,
     CurvePanel,
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--ckpt", default=None, help="skip training and evaluate this checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the downstream analyses (training: the config's)")
+    parser.add_argument("--cells", choices=CELL_SOURCES, default="dapi",
+                        help="cells of the baselines and downstream analyses: segmented from the measured DAPI as in "
+                             "the paper (default), or the dataset's stored masks (for the synthetic data: perfect ones)")
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args, argv))
@@ -126,13 +130,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     eval_dir = run_dir / "evaluation"
     results = evaluate(pred_dir, args.data, eval_dir, methods=("rosie", "he_expression", "cell_morphology"),
-                       split=args.split, overwrite=True)
+                       split=args.split, overwrite=True, cells=args.cells)
     summary, per_marker = results["summary"], results["per_marker"]
     for name in ("summary.csv", "per_marker.csv", "per_sample.csv"):
         if (eval_dir / name).exists():
             shutil.copyfile(eval_dir / name, run_dir / name)
     downstream = run_downstream(pred_dir, args.data, run_dir / "downstream", split=args.split, evaluation=str(eval_dir),
-                                seed=args.seed, overwrite=True)
+                                cells_from=args.cells, seed=args.seed, overwrite=True)
     figures = sorted(eval_dir.glob("*.png"))
     curve = plot_training_curves(metrics, run_dir / "training_curves.png", TRAINING_CURVES)
     if curve:
