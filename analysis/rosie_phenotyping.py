@@ -33,8 +33,9 @@ sentence it implements, and the choices where the paper is silent:
    with ... 95% bootstrapped confidence intervals" (:func:`f1_with_ci`): F1 on all cells; CI = 2.5th
    and 97.5th percentiles of 1,000 resamples of the cells, drawn as one multinomial over the confusion
    matrix (the same distribution as resampling cell indices, as F1 sees cells only through that
-   matrix; milliseconds for any N). Macro-F1 = mean over scored types; a type absent on both sides
-   scores 0 (sklearn ``zero_division=0``); ``"other"`` is never scored but is a miss for the others.
+   matrix; milliseconds for any N). Macro-F1 = mean over the scored types present in the reference (a
+   type the reference lacks has no defined recall: it is listed with F1 NaN, or 0 when a method
+   predicts it, and left out of the macro); ``"other"`` is never scored but is a miss for the others.
 5. Bulk phenotyping: "assign cell labels randomly according to the average ground truth cell label
    proportions across all samples" (:func:`bulk_phenotype_labels`): unweighted mean of per-sample
    proportions, one seeded draw per cell.
@@ -333,14 +334,17 @@ def f1_with_ci(reference: np.ndarray, predicted: np.ndarray, classes: Sequence[s
     cm, _ = _encode(reference, predicted, classes)
     n, c = int(cm.sum()), len(classes)
     point = f1_from_confusion(cm, c)
-    values = np.append(point, point.mean() if c else np.nan)
+    present = cm.sum(1)[:c] > 0
+    values = np.append(point, point[present].mean() if present.any() else np.nan)
+    values[:c][~present & (cm.sum(0)[:c] == 0)] = np.nan
     low = high = np.full(c + 1, np.nan)
     if n > 0 and n_boot > 0:
         draws = np.random.default_rng(seed).multinomial(n, cm.ravel() / n, size=n_boot).reshape(n_boot, *cm.shape)
         boot = f1_from_confusion(draws, c)
-        boot = np.concatenate([boot, boot.mean(axis=1, keepdims=True)], axis=1)
+        boot = np.concatenate([boot, boot[:, present].mean(axis=1, keepdims=True)], axis=1)
         alpha = 100 * (1 - ci) / 2
         low, high = np.percentile(boot, [alpha, 100 - alpha], axis=0)
+        low[np.isnan(values)] = high[np.isnan(values)] = np.nan
     return pd.DataFrame({"cell_type": [*classes, MACRO], "f1": values, "ci_low": low, "ci_high": high,
                          "n_reference": np.append(cm.sum(1)[:c], n), "n_predicted": np.append(cm.sum(0)[:c], n)})
 

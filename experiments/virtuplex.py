@@ -36,6 +36,8 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "predict": Command("experiments.rosie_predict", "predict multiplex images from H&E (slides or a dataset)"),
         "evaluate": Command("experiments.rosie_evaluate", "score predictions against measured CODEX with the paper's baselines"),
         "experiment": Command("experiments.rosie_experiment", "train, predict and evaluate end to end (make exp-rosie)"),
+        "downstream": Command("experiments.rosie_downstream",
+                              "phenotyping, SCGP, TIL/LNE and QC filters on predictions (Figs. 3-5, Suppl. Fig. 6)"),
         "scgp": Command("experiments.scgp", "tissue structures by SCGP (Fig. 4), ARI/F1 against a reference partition"),
     },
     "virtues": {

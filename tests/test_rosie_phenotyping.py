@@ -160,6 +160,20 @@ def test_f1_point_values_and_confusion_equal_sklearn() -> None:
     np.testing.assert_allclose(rows.sum(axis=1), 1.0)
 
 
+def test_a_type_absent_from_the_reference_is_left_out_of_the_macro() -> None:
+    # a cohort without neutrophils: a perfect labelling scores macro 1, not 2/3 (undefined recall is not a miss)
+    ref = np.array(["B cells"] * 5 + ["T cells"] * 5)
+    table = f1_with_ci(ref, ref.copy(), ["B cells", "T cells", "neutrophils"], n_boot=20).set_index("cell_type")
+    assert np.isnan(table.loc["neutrophils", "f1"]) and np.isnan(table.loc["neutrophils", "ci_low"])
+    assert table.loc[MACRO, "f1"] == 1.0 and table.loc[MACRO, "ci_low"] == 1.0
+    # predicting the absent type is still a miss: F1 0 for it, and lower recall for the type it took cells from
+    pred = ref.astype(object)
+    pred[0] = "neutrophils"
+    table = f1_with_ci(ref, pred, ["B cells", "T cells", "neutrophils"], n_boot=20).set_index("cell_type")
+    assert table.loc["neutrophils", "f1"] == 0.0
+    assert table.loc[MACRO, "f1"] == pytest.approx((2 * 4 / 9 + 1.0) / 2)
+
+
 def test_bootstrap_ci_contains_the_estimate_and_equals_a_direct_loop() -> None:
     ref, pred = _labels(60, 1)
     types = ["B cells", "T cells", "epithelial"]
