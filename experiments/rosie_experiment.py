@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", choices=CELL_SOURCES, default="dapi",
                         help="cells of the baselines and downstream analyses: segmented from the measured DAPI as in "
                              "the paper (default), or the dataset's stored masks (for the synthetic data: perfect ones)")
-    parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
+    parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_steps=200")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args, argv))
 

@@ -3,7 +3,7 @@ the paper's baselines, and write a report.
 
     python -m experiments.virtues_experiment --config experiments/configs/virtues/synthetic.yaml \
         --data data/synthetic [--out runs/virtues/<run>] [--split test] [--ckpt C] \
-        [--max-crops 64] [--marker-max-crops 2] [--trainer-arg=--trainer.max_time=00:00:05:00]
+        [--max-crops 64] [--marker-max-crops 2] [--trainer-arg=--trainer.max_steps=200]
 
 Outputs in `runs/virtues/<run>/`: `report.md` (Pearson r and F1 per masking strategy for VirTues and
 the baselines, as in the paper's Fig. 2d; training curves; figures), `summary.csv`
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="crops per dataset for marker masking (C forward passes each; CPU budget)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainer-arg", action="append", default=[],
-                        help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_time=00:00:02:00")
+                        help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_steps=200")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args, argv))
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.ckpt:
         ckpt = args.ckpt
     else:
-        # The run is bounded by trainer.max_time and validated rarely (CPU budget): evaluate the final
+        # The run is bounded by trainer.max_steps and validated rarely (CPU budget): evaluate the final
         # weights rather than the best-val-loss checkpoint, which may be an early one.
         trained = train_with_cli(virtues_pretrain, args.config, args.data, run_dir, args.trainer_arg, keep="final")
         ckpt, metrics, steps = trained.checkpoint, trained.metrics, trained.steps
