@@ -6,11 +6,13 @@
 
 Protocol of the Methods: the bag of a tissue is all patch-summary tokens of its kept crops; a gated
 ABMIL (8 heads, hidden 256) is trained with Adam (lr 1e-4, 16 tissues per batch, ≤ 100 epochs, early
-stopping with patience 10 on the loss of a 20 % validation subset of the training tissues); the
-macro-F1 on the test tissues is averaged over ``--seeds`` runs, each with its own initialisation and
-validation subset. The reference is logistic regression on the mean-pooled tissue token (the
+stopping with patience 10 on the loss of a 20 % validation subset of the training tissues); the test
+tissues are scored with the weights of the epoch with the lowest validation loss (not the last
+epoch's); the macro-F1 on the test tissues is averaged over ``--seeds`` runs, each with its own
+initialisation and validation subset. The reference is logistic regression on the mean-pooled tissue token (the
 unsupervised aggregation). Writes ``summary.csv`` (``method,macro_f1_mean,macro_f1_std,runs``),
-``runs.csv`` and ``predictions.csv`` to ``OUT`` (atomically).
+``runs.csv`` (per seed: macro-F1, ``best_epoch`` scored, ``epochs`` run) and ``predictions.csv`` to
+``OUT`` (atomically).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 def train_abmil(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray,
-                n_classes: int, seed: int, args: argparse.Namespace) -> np.ndarray:
-    """One ABMIL run; returns test-class predictions."""
+                n_classes: int, seed: int, args: argparse.Namespace) -> tuple[np.ndarray, dict[str, int]]:
+    """One ABMIL run; returns the test-class predictions of the best-validation weights and
+    ``{"best_epoch", "epochs"}`` (0-based epoch scored, epochs trained before stopping)."""
 
     L.seed_everything(seed, workers=True)
 
@@ -62,9 +65,9 @@ def train_abmil(bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, val: n
     trainer = L.Trainer(max_epochs=args.max_epochs, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[EarlyStopping("val/loss", patience=args.patience, mode="min")], deterministic=True)
-    trainer.fit(module, loader(train, True), loader(val, False))
+    trainer.fit(module, loader(train, True), loader(val, False))  # leaves the best-validation weights in
     probs = torch.cat(trainer.predict(module, loader(test, False)))
-    return probs.argmax(1).numpy()
+    return probs.argmax(1).numpy(), {"best_epoch": int(module.best_epoch), "epochs": len(module.val_history)}
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
@@ -91,9 +94,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     runs, preds = [], []
     for seed in range(args.seeds):
         tr, va = split_train_val(len(train_pool), args.val_fraction, seed)
-        pred = train_abmil(bags, y, train_pool[tr], train_pool[va], test, len(classes), seed, args)
+        pred, epochs = train_abmil(bags, y, train_pool[tr], train_pool[va], test, len(classes), seed, args)
         f1 = f1_score(y[test], pred, labels=present, average="macro", zero_division=0)
-        runs.append({"method": "virtues_abmil", "seed": seed, "macro_f1": f1})
+        runs.append({"method": "virtues_abmil", "seed": seed, "macro_f1": f1, **epochs})
         preds += [{"method": "virtues_abmil", "seed": seed, "tissue_id": tissues.loc[i, "tissue_id"],
                    "true": classes[y[i]], "predicted": classes[p]} for i, p in zip(test, pred)]
     mean_tokens = np.stack([b.mean(0) for b in bags])

@@ -1,10 +1,15 @@
 """Gated attention-based multiple-instance learning (Ilse et al. 2018), multi-head, for tissue labels.
 
-VirTues (Methods, "Tissue-level tasks") classifies a tissue from the set of all its patch-summary
-tokens with a gated ABMIL: attention computed over eight heads, each with a hidden dimension of 256,
-the heads' attention-weighted averages concatenated and projected to class logits. A bag is a
-padded (N, d) set; padding never receives attention, so a tissue's prediction does not depend on
-how many other tissues share its batch.
+VirTues (Methods, "Aggregation into ... tissue-level representations" and "Tissue-level tasks")
+classifies a tissue from the set of all its patch-summary tokens ``c`` with a gated ABMIL:
+
+    a_ij^h = softmax_ij( w_h^T (tanh(V c_ij) ⊙ σ(U c_ij)) ),    z = concat_h  Σ_ij a_ij^h c_ij
+
+with ``U, V ∈ R^{d_hidden × d_model}`` **shared by all heads** and only the scoring vector ``w_h``
+differing per head ("this computation is repeated for each head with a different weight vector
+w^h"); 8 heads, ``d_hidden`` 256. U and V carry no bias, as in the formula. The concatenated heads
+are projected to class logits. A bag is a padded (N, d) set; padding never receives attention, so a
+tissue's prediction does not depend on how many other tissues share its batch.
 """
 
 from __future__ import annotations
@@ -20,19 +25,20 @@ class GatedAttentionMIL(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if num_heads < 1 or hidden_dim < 1:
+            raise ValueError(f"num_heads and hidden_dim must be >= 1, got {num_heads} and {hidden_dim}")
         self.num_heads = num_heads
-        self.attention_v = nn.Linear(in_dim, hidden_dim * num_heads)  # tanh branch
-        self.attention_u = nn.Linear(in_dim, hidden_dim * num_heads)  # sigmoid gate
-        self.attention_w = nn.Parameter(torch.empty(num_heads, hidden_dim))  # one scoring vector per head
+        self.attention_v = nn.Linear(in_dim, hidden_dim, bias=False)  # V: tanh branch, shared by the heads
+        self.attention_u = nn.Linear(in_dim, hidden_dim, bias=False)  # U: sigmoid gate, shared by the heads
+        self.attention_w = nn.Parameter(torch.empty(num_heads, hidden_dim))  # w^h: one scoring vector per head
         nn.init.xavier_uniform_(self.attention_w)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(in_dim * num_heads, num_classes)
 
     def attention(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, heads, N) attention weights, zero on padding, summing to 1 over each bag's instances."""
-        b, n, _ = x.shape
-        gated = torch.tanh(self.attention_v(x)) * torch.sigmoid(self.attention_u(x))  # (B, N, heads*hidden)
-        scores = torch.einsum("bnhk,hk->bhn", gated.view(b, n, self.num_heads, -1), self.attention_w)
+        gated = torch.tanh(self.attention_v(x)) * torch.sigmoid(self.attention_u(x))  # (B, N, hidden)
+        scores = torch.einsum("bnk,hk->bhn", gated, self.attention_w)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         return torch.softmax(scores, dim=-1)
