@@ -71,3 +71,31 @@ def test_cli_writes_groups_and_kaplan_meier(tmp_path, capsys):
     assert set(groups["risk"]) == {"high", "low"} and (out / "kaplan_meier.png").stat().st_size > 0
     assert main(args) == 2 and "overwrite" in capsys.readouterr().err
     assert main(args[:6] + ["--out", str(tmp_path / "x"), "--time-column", "nope"]) == 2
+
+
+def test_four_groups_merge_into_the_two_riskiest_and_the_two_safest():
+    """The paper's setting: four k-means groups, two turning out higher-risk and two lower-risk. Four
+    kinds of tissue, each dominated by its own cell state, with mean survival 1, 30, 2, 40 (so the
+    high-risk pair is not the first two group ids): the merge must put kinds 0 and 2 in 'high'."""
+    rng = np.random.default_rng(5)
+    centres = np.eye(4) * 8.0
+    mean_survival = [1.0, 30.0, 2.0, 40.0]
+    tokens, tissue_of_cell, rows = [], [], []
+    for t in range(48):
+        kind = t % 4
+        states = np.where(rng.random(50) < 0.85, kind, rng.integers(0, 4, 50))
+        tokens.append(centres[states] + rng.normal(size=(50, 4)) * 0.3)
+        tissue_of_cell += [f"t{t:02d}"] * 50
+        rows.append({"tissue_id": f"t{t:02d}", "kind": kind, "time": rng.exponential(mean_survival[kind]), "event": True})
+    outcome = pd.DataFrame(rows).set_index("tissue_id")
+    props = cluster_proportions(np.concatenate(tokens), np.array(tissue_of_cell), n_clusters=4, seed=0)
+    groups = group_tissues(props, n_groups=4, seed=0)
+    kind = outcome.loc[groups.index, "kind"]
+    assert groups.groupby(kind).nunique().eq(1).all() and groups.nunique() == 4  # one group per kind
+    result = stratify(groups, outcome["time"], outcome["event"])
+    assert len(result.group_hazard) == 4
+    group_of_kind = groups.groupby(kind).first()
+    hazard_of_kind = result.group_hazard.loc[group_of_kind.to_numpy()].to_numpy()
+    assert min(hazard_of_kind[[0, 2]]) > max(hazard_of_kind[[1, 3]])  # Nelson–Aalen orders the kinds by risk
+    assert (result.risk[kind.isin([0, 2])] == "high").all() and (result.risk[kind.isin([1, 3])] == "low").all()
+    assert result.logrank_p < 1e-4
