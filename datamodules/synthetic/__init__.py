@@ -24,6 +24,11 @@ tissue and *rendered* into each modality, so all modalities agree pixel for pixe
   tumour, tumour fraction and grade, with noise.
 * **Dataset** (:mod:`.dataset`): splits, statistics, tiling and embeddings, written through
   :class:`datamodules.store.DatasetWriter`.
+* **Cohort preset** (:mod:`.cohort`, :mod:`.niches`, :mod:`.cohort_tissue`, :mod:`.cohort_dataset`,
+  :mod:`.panel_b`): discovery patients before/on/after treatment with a response that goes with
+  planted multicellular niches, an independent validation cohort whose survival the same niches
+  drive, and tissues imaged with a second, partly overlapping IMC panel
+  (:func:`generate_cohort`; `python -m experiments.data_synthetic --preset cohort --out DIR`).
 
 Each tissue draws from its own `SeedSequence([seed, index, ...])` (:mod:`.tissue`), so the output
 is identical for the same arguments whatever the number of worker processes.
@@ -41,6 +46,8 @@ from datamodules.synthetic.catalogue import (
     CellType,
     Protein,
 )
+from datamodules.synthetic.cohort import NON_RESPONSE_NICHES, RESPONSE_NICHES, TIMEPOINTS
+from datamodules.synthetic.cohort_dataset import COHORT_DATASETS, COHORT_MANIFEST, generate_cohort, validate_cohort_args
 from datamodules.synthetic.dataset import (
     GENERATOR,
     MIN_TILE_TISSUE,
@@ -51,6 +58,8 @@ from datamodules.synthetic.dataset import (
     tiles_for,
     validate_generation_args,
 )
+from datamodules.synthetic.niches import CELL_STATES, COARSE_TYPE, NICHE_NAMES
+from datamodules.synthetic.panel_b import PANEL_B_CHANNELS, PANEL_B_ONLY, PANEL_B_SHARED, panel_b_channels_table
 from datamodules.synthetic.panels import (
     ASSETS_DIR,
     CODEX_CHANNELS,
@@ -69,6 +78,9 @@ from datamodules.synthetic.render_he import STAIN_E, STAIN_H
 from datamodules.synthetic.tissue import Tissue, simulate_tissue, tissue_id_for
 
 __all__ = [
+    "CELL_STATES", "COARSE_TYPE", "COHORT_DATASETS", "COHORT_MANIFEST", "NICHE_NAMES", "NON_RESPONSE_NICHES",
+    "PANEL_B_CHANNELS", "PANEL_B_ONLY", "PANEL_B_SHARED", "RESPONSE_NICHES", "TIMEPOINTS", "generate_cohort",
+    "panel_b_channels_table", "validate_cohort_args",
     "ASSETS_DIR", "CELL_TYPES", "CODEX_CHANNELS", "CODEX_MPP", "CODEX_NO_SIGNAL", "CODEX_PANEL", "GENERATOR",
     "HE_MPP", "IMC_MPP", "IMC_PROTEIN", "MIN_TILE_TISSUE", "NICHES", "NO_SIGNAL_PROTEINS", "PROTEINS",
     "PROTEIN_KEYS", "PX_PER_UM", "STAIN_E", "STAIN_H", "TILE_SIZE", "TYPE_NAMES", "CellType", "Protein", "Tissue",
