@@ -3,6 +3,7 @@
     python -m experiments.virtues_tokens --ckpt C --data DIR --out OUT [--split test|all] [--modality imc]
         [--batch-size 32] [--stride 42] [--pad 120] [--device auto] [--embeddings DIR ...] [--overwrite]
         [--accelerator gpu --devices N [--num-nodes K]]   (tissues shared out under Lightning predict)
+        [--channels A,B,C | --channels-from OTHER_DATASET [--channels-from-modality imc]]
 
 Per tissue (aggregation rules in :mod:`analysis.virtues_tokens`, encoder side in
 :mod:`lightning_modules.virtues_tokens`):
@@ -22,6 +23,13 @@ At the end ``OUT/tissue_tokens.parquet`` holds one row per tissue (the tissue ta
 Lightning ``predict`` exactly as in ``experiments.rosie_predict`` (one tissue per step, written by one
 rank; rank 0 builds the tissue-token table at the end). Markers are matched to the checkpoint's table exactly as in
 ``experiments.virtues_reconstruct`` (channels without a usable embedding are left out and logged).
+
+``--channels`` (channel names or UniProt ids) or ``--channels-from OTHER`` (the markers whose UniProt
+id is also in another dataset's panel) encode from those markers only: the cross-panel transfer of
+the paper (Fig. 3e–g) computes both datasets' cell tokens from the markers their panels share, so
+that a classifier trained on one sees the same kind of input on the other. VirTues reads any subset
+of markers, so the tokens equal those of a dataset that measured only these channels (tested);
+``obsm['mean_expression']`` then holds the same subset (the mean-abundance baseline of that figure).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from scipy import ndimage
 from analysis.outputs import claim_output_folder
 from datamodules.preprocess import MultiplexPreprocessor
 from datamodules.statistics import require_statistics
-from datamodules.store import StoreError
+from datamodules.store import DatasetStore, StoreError
 from experiments.commands import open_modality, run_command
 from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
 from lightning_modules.virtues_loading import prepare_model
@@ -144,6 +152,41 @@ def merge_tissue_tokens(out: Path, tissues: pd.DataFrame | None) -> Path | None:
     return path
 
 
+def select_channels(store, modality: str, channels: list[int], marker_rows: list[int], wanted: Sequence[str] | None = None,
+                    other=None, other_modality: str | None = None) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
+    """The usable ``channels`` (and their ``marker_rows``) restricted to ``wanted`` (channel names or UniProt
+    ids) or to the markers of ``other``'s panel (a :class:`DatasetStore`, matched by UniProt id, since two
+    datasets name the same antibody differently). Unknown names and an empty selection are errors."""
+    if wanted is None and other is None:
+        return channels, marker_rows
+    panel = store.channels(modality).reset_index(drop=True)
+    names = [str(panel["channel_name"].iloc[i]) for i in channels]
+    uids = [str(panel["uniprot_id"].iloc[i]).upper() for i in channels]
+    if wanted is not None:
+        wanted = [w.strip() for w in wanted if w.strip()]
+        known = {n.lower() for n in panel["channel_name"].astype(str)} | {str(u).lower() for u in panel.get("uniprot_id", [])}
+        unknown = [w for w in wanted if w.lower() not in known]
+        if unknown:
+            raise ValueError(f"--channels: {unknown} are not in {store.url}'s {modality} panel "
+                             f"(channels: {panel['channel_name'].astype(str).tolist()})")
+        keys = {w.lower() for w in wanted}
+        keep = [k for k in range(len(channels)) if names[k].lower() in keys or uids[k].lower() in keys]
+        source = "--channels"
+    else:
+        other_modality = other_modality or modality
+        if other_modality not in other.modalities():
+            raise StoreError(f"--channels-from {other.url}: no modality {other_modality!r} (has {other.modalities()})")
+        shared = {str(u).upper() for u in other.channels(other_modality).get("uniprot_id", pd.Series(dtype=object)).dropna()}
+        keep = [k for k in range(len(channels)) if uids[k] in shared]
+        source = f"--channels-from {other.url}"
+    if not keep:
+        raise ValueError(f"{source}: none of {store.url}'s usable {modality} channels is selected")
+    left = [names[k] for k in range(len(channels)) if k not in keep]
+    if left:
+        log.info("%s: %d usable channel(s) left out: %s", source, len(left), ", ".join(left))
+    return [channels[k] for k in keep], [marker_rows[k] for k in keep]
+
+
 def model_for_tokens(store, args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], list[int], torch.device]:  # type: ignore[no-untyped-def]
     """The library's :func:`~lightning_modules.virtues_loading.prepare_model` for these options, with a
     warning when the blur setting differs from the one the checkpoint trained with."""
@@ -152,7 +195,11 @@ def model_for_tokens(store, args: argparse.Namespace) -> tuple[torch.nn.Module, 
     blur = prepared.data_hparams.get("blur")
     if blur is not None and bool(blur) != args.blur:
         log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
-    return prepared.model, prepared.channels, prepared.marker_rows, prepared.device
+    wanted = args.channels.split(",") if args.channels else None
+    other = DatasetStore(args.channels_from) if args.channels_from else None
+    channels, marker_rows = select_channels(store, args.modality, prepared.channels, prepared.marker_rows, wanted, other,
+                                            args.channels_from_modality)
+    return prepared.model, channels, marker_rows, prepared.device
 
 
 class TokenWorker:
@@ -189,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default=None, help="Lightning strategy (default ddp for several devices)")
     p.add_argument("--no-progress", action="store_true")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--channels", default=None, help="comma-separated channel names or UniProt ids: encode from these only")
+    sel.add_argument("--channels-from", default=None, metavar="OTHER_DATASET",
+                     help="encode only from the markers (UniProt ids) this dataset's panel shares with OTHER_DATASET's")
+    p.add_argument("--channels-from-modality", default=None, help="OTHER_DATASET's modality (default: --modality)")
     return p
 
 
