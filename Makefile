@@ -13,7 +13,7 @@ VIRTUES_CONFIG ?= experiments/configs/virtues/synthetic.yaml
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-slow exp-rosie exp-virtues bench data-synthetic clean
+.PHONY: install test test-slow exp-rosie exp-virtues exp-matrix bench data-synthetic clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ exp-rosie: install data-synthetic
 
 exp-virtues: install data-synthetic
 	$(PY) -m experiments.virtues_experiment --config $(VIRTUES_CONFIG) --data $(SYNTH_DIR)
+
+# Every table/figure of one paper as a resumable cell: make exp-matrix PAPER=rosie [MATRIX_ARGS="--list"]
+PAPER ?= rosie
+MATRIX_ARGS ?=
+exp-matrix: install data-synthetic
+	$(PY) -m experiments.matrix --paper $(PAPER) $(MATRIX_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.datamodules_throughput

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cells of the baselines and downstream analyses: segmented from the measured DAPI as in "
                              "the paper (default), or the dataset's stored masks (for the synthetic data: perfect ones)")
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args, e.g. --trainer-arg=--trainer.max_steps=200")
+    parser.add_argument("--no-downstream", action="store_true",
+                        help="skip phenotyping/SCGP/neighbourhoods/QC (comparisons that need only the expression metrics)")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args, argv))
 
@@ -135,8 +137,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for name in ("summary.csv", "per_marker.csv", "per_sample.csv"):
         if (eval_dir / name).exists():
             shutil.copyfile(eval_dir / name, run_dir / name)
-    downstream = run_downstream(pred_dir, args.data, run_dir / "downstream", split=args.split, evaluation=str(eval_dir),
-                                cells_from=args.cells, seed=args.seed, overwrite=True)
+    downstream = None if args.no_downstream else run_downstream(
+        pred_dir, args.data, run_dir / "downstream", split=args.split, evaluation=str(eval_dir), cells_from=args.cells,
+        seed=args.seed, overwrite=True)
     figures = sorted(eval_dir.glob("*.png"))
     curve = plot_training_curves(metrics, run_dir / "training_curves.png", TRAINING_CURVES)
     if curve:
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "device": device_name(), "patches_per_s": _patches_per_s(tissues_qc),
     }
     body = report_body(summary, per_marker, _qc_rows(tissues_qc), info)
-    body += downstream_section(downstream["tables"], downstream, figure_dir="downstream") + [""]
+    if downstream is not None:
+        body += downstream_section(downstream["tables"], downstream, figure_dir="downstream") + [""]
     report = write_report(run_dir, f"ROSIE on {args.data}", body,
                           figures, reproduce_command("exp-rosie", "experiments.rosie_experiment", argv))
     log_to_wandb(run_dir, "virtuplex-rosie", f"{run_dir.name}-eval", summary, per_marker, figures,

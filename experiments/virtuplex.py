@@ -38,6 +38,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "experiment": Command("experiments.rosie_experiment", "train, predict and evaluate end to end (make exp-rosie)"),
         "downstream": Command("experiments.rosie_downstream",
                               "phenotyping, SCGP, TIL/LNE and QC filters on predictions (Figs. 3-5, Suppl. Fig. 6)"),
+        "stride": Command("experiments.rosie_stride_comparison", "stride 8 vs stride 1 output, measured (Suppl. Fig. 5)"),
         "scgp": Command("experiments.scgp", "tissue structures by SCGP (Fig. 4), ARI/F1 against a reference partition"),
     },
     "virtues": {
@@ -64,6 +65,9 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "rosie-memory": Command("benchmarks.rosie_predict_memory", "peak memory of predicting a 20k x 20k slide"),
         "virtues-attention": Command("benchmarks.virtues_attention", "factorised vs full attention, packed backends"),
         "cell-segmentation": Command("benchmarks.cell_segmentation", "nucleus/cell object F1 and speed on the synthetic data"),
+    },
+    "matrix": {
+        "run": Command("experiments.matrix", "every table/figure of a paper as resumable cells (--paper rosie|virtues, --list)"),
     },
 }
 
