@@ -25,6 +25,11 @@ import pandas as pd
 from analysis.virtues_biomarker_stats import two_proportion_z_test
 
 
+NEIGHBOURHOOD_COLUMNS = ["signature", "centre_type", "neighbour_type", "n_centre_inside", "n_centre_outside",
+                         "edges_inside", "edges_outside", "neighbours_inside", "neighbours_outside", "share_inside",
+                         "share_outside", "density_inside", "density_outside", "relative_change_pct", "z", "p_value"]
+
+
 def type_composition(cell_types: np.ndarray, membership: pd.DataFrame) -> pd.DataFrame:
     """Long table: signature ("all cells" first), cell type, count, proportion, relative change (%) vs all."""
     types = pd.Series(np.asarray(cell_types).astype(str), index=membership.index)
@@ -83,4 +88,4 @@ def neighbourhood_composition(cell_types: np.ndarray, edges: np.ndarray, members
                     "density_inside": in_counts[ni] / inside.sum(), "density_outside": out_counts[ni] / outside.sum(),
                     "relative_change_pct": (in_share / out_share - 1) * 100 if out_share else float("nan"),
                     "z": z, "p_value": p})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=NEIGHBOURHOOD_COLUMNS)
