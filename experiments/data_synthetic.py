@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.command_line import run_command
-from datamodules.synthetic import HE_MPP, generate_cohort, generate_dataset, validate_cohort_args, validate_generation_args
+from datamodules.synthetic import (HE_MPP, generate_cohort, generate_dataset, validate_cohort_args,
+                                   validate_generation_args)
 
 #: --size when not given, per preset (px at 0.5 µm/px).
 DEFAULT_SIZE = {"default": 512, "cohort": 256}
@@ -31,8 +32,8 @@ DEFAULT_SIZE = {"default": 512, "cohort": 256}
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (the same as the generators' keyword arguments)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.data_synthetic",
-                                     description="Generate a synthetic co-registered H&E / CODEX / IMC dataset "
-                                                 "(or, with --preset cohort, discovery / validation / panel-B cohorts).")
+                                     description="Generate a synthetic co-registered H&E / CODEX / IMC dataset (or, "
+                                                 "with --preset cohort, discovery / validation / panel-B cohorts).")
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--preset", choices=sorted(DEFAULT_SIZE), default="default",
                         help="default: one dataset of --tissues tissues; cohort: the three cohort datasets")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation", type=int, default=40, help="validation-cohort tissues (cohort preset, >= 2)")
     parser.add_argument("--panel-b", type=int, default=12, help="tissues imaged with panel B (cohort preset, >= 1)")
     parser.add_argument("--size", type=int, default=None,
-                        help="tissue size in px at 0.5 µm/px (default 512, cohort 256; >= 128, multiple of 16, cohort 32)")
+                        help="tissue size in px at 0.5 µm/px (>= 128; default preset: 512, multiple of 16; "
+                             "cohort: 256, multiple of 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering tissues in parallel (output is identical)")

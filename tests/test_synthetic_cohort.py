@@ -103,7 +103,8 @@ def test_treatment_shifts_states_per_response_group(cohort: Path) -> None:
     assert fraction(0, "post", "CD8_T", "exhausted") > fraction(0, "pre", "CD8_T", "exhausted")
     suppressive = cells[(cells["cell_type"] == "Macrophage") & (cells["cell_state"] == "suppressive")]
     per_tissue = suppressive.groupby("tissue_id").size().reindex(tissues["tissue_id"], fill_value=0)
-    per_group = per_tissue.groupby([tissues.set_index("tissue_id")["response"], tissues.set_index("tissue_id")["timepoint"]]).mean()
+    design = tissues.set_index("tissue_id")
+    per_group = per_tissue.groupby([design["response"], design["timepoint"]]).mean()
     assert per_group[(0, "post")] > per_group[(0, "pre")], "non-responders gain suppressive macrophages on treatment"
     tumour = tissues.groupby(["response", "timepoint"])["tumour_cell_fraction"].mean()
     assert tumour[(1, "post")] < tumour[(1, "pre")]

@@ -47,7 +47,13 @@ from datamodules.synthetic.catalogue import (
     Protein,
 )
 from datamodules.synthetic.cohort import NON_RESPONSE_NICHES, RESPONSE_NICHES, TIMEPOINTS
-from datamodules.synthetic.cohort_dataset import COHORT_DATASETS, COHORT_MANIFEST, generate_cohort, validate_cohort_args
+from datamodules.synthetic.cohort_dataset import (
+    COHORT_DATASETS,
+    COHORT_MANIFEST,
+    generate_cohort,
+    read_cohort_manifest,
+    validate_cohort_args,
+)
 from datamodules.synthetic.dataset import (
     GENERATOR,
     MIN_TILE_TISSUE,
@@ -80,7 +86,7 @@ from datamodules.synthetic.tissue import Tissue, simulate_tissue, tissue_id_for
 __all__ = [
     "CELL_STATES", "COARSE_TYPE", "COHORT_DATASETS", "COHORT_MANIFEST", "NICHE_NAMES", "NON_RESPONSE_NICHES",
     "PANEL_B_CHANNELS", "PANEL_B_ONLY", "PANEL_B_SHARED", "RESPONSE_NICHES", "TIMEPOINTS", "generate_cohort",
-    "panel_b_channels_table", "validate_cohort_args",
+    "panel_b_channels_table", "read_cohort_manifest", "validate_cohort_args",
     "ASSETS_DIR", "CELL_TYPES", "CODEX_CHANNELS", "CODEX_MPP", "CODEX_NO_SIGNAL", "CODEX_PANEL", "GENERATOR",
     "HE_MPP", "IMC_MPP", "IMC_PROTEIN", "MIN_TILE_TISSUE", "NICHES", "NO_SIGNAL_PROTEINS", "PROTEINS",
     "PROTEIN_KEYS", "PX_PER_UM", "STAIN_E", "STAIN_H", "TILE_SIZE", "TYPE_NAMES", "CellType", "Protein", "Tissue",

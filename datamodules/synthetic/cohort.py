@@ -141,7 +141,8 @@ def independent_specs(cohort: str, n_tissues: int, size: int, seed: int) -> list
         present = _presence(prng, 0.5, 0.5)
         specs.append(CohortTissueSpec(
             tissue_id=f"{prefix}_s{seed}_{i:04d}", patient_id=f"{prefix}_s{seed}_p{i:04d}", cohort=cohort,
-            seed_key=(int(seed), COHORT_SEED_SALT, code, i), niche_counts={n: per * int(present[n]) for n in NICHE_NAMES},
+            seed_key=(int(seed), COHORT_SEED_SALT, code, i),
+            niche_counts={n: per * int(present[n]) for n in NICHE_NAMES},
             state_probabilities=_states_with(None), latent=latent, survival=cohort == "validation"))
     return specs
 

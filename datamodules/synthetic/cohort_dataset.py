@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,8 @@ from datamodules.synthetic.cohort_tissue import MIN_NICHE_CELLS, CohortTissue, s
 from datamodules.synthetic.dataset import (GENERATOR, TILE_SIZE, StandardizationAccumulator, assign_splits,
                                            is_synthetic_dataset, tiles_for)
 from datamodules.synthetic.niches import CELL_STATES, COARSE_TYPE, NICHE_NAMES, niche_type_table
-from datamodules.synthetic.panel_b import PANEL_B_CHANNELS, PANEL_B_ONLY, PANEL_B_PROTEIN, PANEL_B_SHARED, panel_b_channels_table
+from datamodules.synthetic.panel_b import (PANEL_B_CHANNELS, PANEL_B_ONLY, PANEL_B_PROTEIN, PANEL_B_SHARED,
+                                           panel_b_channels_table)
 from datamodules.synthetic.panels import ASSETS_DIR, IMC_MPP, IMC_PROTEIN, imc_channels_table
 from lightning_modules.components.model_files import load_tensor_file
 
@@ -41,7 +41,8 @@ COHORT_DATASETS: tuple[str, ...] = ("discovery", "validation", "panel_b")
 
 def validate_cohort_args(n_patients: int, n_validation: int, n_panel_b: int, size: int) -> None:
     """Refuse counts or a size the preset cannot honour, before anything is written."""
-    for flag, value, low in (("--patients", n_patients, 2), ("--validation", n_validation, 2), ("--panel-b", n_panel_b, 1)):
+    checks = (("--patients", n_patients, 2), ("--validation", n_validation, 2), ("--panel-b", n_panel_b, 1))
+    for flag, value, low in checks:
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
     if not isinstance(size, (int, np.integer)) or size < 128 or size % 32:
@@ -91,6 +92,15 @@ def generate_cohort(out: str | Path, n_patients: int = 24, n_validation: int = 4
     return out
 
 
+def read_cohort_manifest(out: str | Path) -> dict:
+    """The planted truth and layout of a cohort written by :func:`generate_cohort` (`out/cohort.json`)."""
+    path = Path(out) / COHORT_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no cohort manifest; generate the cohort with "
+                                "`python -m experiments.data_synthetic --preset cohort --out DIR`")
+    return json.loads(path.read_text())
+
+
 def _render_job(job: tuple[CohortTissueSpec, int, list[str], dict[str, str]]) -> CohortTissue:
     """`simulate_cohort_tissue(*job)`, as a module-level function a worker process can receive."""
     return simulate_cohort_tissue(*job)
@@ -106,8 +116,6 @@ def write_cohort_dataset(out: Path, specs: Sequence[CohortTissueSpec], size: int
     rows, cell_tables, tiles = [], [], []
     jobs = [(s, size, names, dict(protein_of)) for s in specs]
     cohort = specs[0].cohort
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
     with DatasetWriter.create(out, overwrite=overwrite, written_by=GENERATOR) as writer:
         pool = None
         if workers > 1:
@@ -134,8 +142,8 @@ def write_cohort_dataset(out: Path, specs: Sequence[CohortTissueSpec], size: int
         writer.write_tissues(tissues)
         writer.write_cells(pd.concat(cell_tables, ignore_index=True))
         writer.write_channels("imc", channels)
-        writer.write_channels_per_tissue("imc", pd.DataFrame(True, index=pd.Index(tissues["tissue_id"], name="tissue_id"),
-                                                             columns=names))
+        present = pd.DataFrame(True, index=pd.Index(tissues["tissue_id"], name="tissue_id"), columns=names)
+        writer.write_channels_per_tissue("imc", present)
         writer.write_standardization("imc", IMC_MPP, *stats.frames())
         tiling = pd.concat(tiles, ignore_index=True)
         tiling.insert(1, "tile_id", np.arange(len(tiling), dtype=np.int64))
