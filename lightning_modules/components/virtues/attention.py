@@ -297,3 +297,29 @@ def varlen_attention(
     if resolved in ("sdpa_bucketed", "sdpa_padded") and segments.total == segments.num_segments * segments.max_seqlen:
         return _uniform(q, k, v, segments, dropout_p, scale)  # equal lengths: no padding needed
     return _IMPLS[resolved](q, k, v, segments, dropout_p, scale)
+
+
+def segment_attention_probs(q: Tensor, k: Tensor, segments: PackedSegments, scale: float | None = None) -> Tensor:
+    """Post-softmax attention probabilities of every packed sequence, for inspection (not the forward).
+
+    Why separate from :func:`varlen_attention`: the fused kernels never materialise the
+    probabilities; interpretability (paper Methods, "Model inspection and visualization") needs them.
+    Computed in float32 from the same ``q``, ``k`` and scale as the forward.
+
+    Returns:
+        ``(S, heads, L_max, L_max)``: entry ``[s, h, a, b]`` is how much the ``a``-th token of
+        sequence ``s`` attends to its ``b``-th token; zero wherever ``a`` or ``b`` lies past the
+        sequence's length. Sequences in ``segments`` order.
+    """
+    seg_id, pos = segments.token_segment_and_offset()
+    n_seq, length = segments.num_segments, segments.max_seqlen
+    heads, dim = q.shape[1], q.shape[2]
+    qp = q.new_zeros(n_seq, heads, length, dim, dtype=torch.float32)
+    kp = torch.zeros_like(qp)
+    qp[seg_id, :, pos] = q.float()
+    kp[seg_id, :, pos] = k.float()
+    scores = qp @ kp.transpose(-1, -2) * (dim**-0.5 if scale is None else scale)
+    keep = segments.padding_mask()  # (S, 1, 1, L) real keys
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    return probs * keep.transpose(-1, -2)  # padded query rows -> 0
+

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .attention import PackedSegments
+from .attention import PackedSegments, segment_attention_probs
 from .blocks import VirTuesBlock, init_linear_xavier
 from .config import VirTuesArch
 
@@ -111,6 +111,27 @@ class EncoderOutput:
     patch_summary: Tensor  # (B, h, w, d), after the encoder LayerNorm
     channel_tokens: Tensor  # (sum C, h, w, d), after the encoder LayerNorm (masked ones included)
     intermediate_patch_summary: dict[int, Tensor]  # block index -> (B, h, w, d), before the final LN
+    #: block index -> (S, heads, L, L) post-softmax attention of that block (``return_attention``);
+    #: sequences in the block's layout order, see :meth:`VirTuesEncoder.forward`.
+    attention: dict[int, Tensor] = field(default_factory=dict)
+
+
+def block_attention_probs(
+    block: VirTuesBlock, x: Tensor, segments: PackedSegments, grid_pos: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """The post-softmax attention a block computes on its packed input ``x`` (pre-LN, RoPE as the
+    block applies them), ``(S, heads, L, L)``; a side computation that never changes ``x``."""
+    attn = block.encoder_layer.multi_head_attention
+    h = block.encoder_layer.layernorm1(x)
+    shape = h.shape[:-1]
+    q = attn.W_q(h).view(*shape, attn.num_heads, attn.head_dim)
+    k = attn.W_k(h).view(*shape, attn.num_heads, attn.head_dim)
+    if attn.pos_emb is not None and block.uses_rope:
+        if grid_pos is None:
+            raise ValueError("this attention layer uses RoPE: grid positions are required")
+        cos, sin = attn.pos_emb.angles(grid_pos[0], grid_pos[1], q.dtype)
+        q, k = attn.pos_emb(q, cos, sin), attn.pos_emb(k, cos, sin)
+    return segment_attention_probs(q, k, segments)
 
 
 class VirTuesEncoder(nn.Module):
@@ -162,6 +183,7 @@ class VirTuesEncoder(nn.Module):
         channel_counts: Sequence[int],
         return_intermediate: Sequence[int] = (),
         backend: str = "auto",
+        return_attention: Sequence[int] = (),
     ) -> EncoderOutput:
         """Encode a packed batch.
 
@@ -172,6 +194,13 @@ class VirTuesEncoder(nn.Module):
             channel_counts: C_b per sample (sum = images.shape[0]).
             return_intermediate: block indices (0-based) after which the PS grid (before the
                 final LayerNorm) is also returned (e.g. for a UNETR-style segmentation head).
+            return_attention: block indices (0-based) whose post-softmax attention is returned in
+                ``attention`` (opt-in inspection; the other outputs are bit-identical either way).
+                Unmasked input (``masks=None``) lays the sequences out simply: a marker block
+                (``v``) has ``B * h * w`` sequences, index ``b * h * w + position``, each
+                ``[PS token, channel 0, ..., channel C_b - 1]`` (zero-padded to the largest C_b + 1);
+                a spatial block (``h``) has one sequence per row, the B PS rows first then every
+                channel of every sample, each over the ``h * w`` positions row-major.
         """
         SC, H, W = images.shape
         h, w = H // self.patch_size, W // self.patch_size
@@ -192,6 +221,7 @@ class VirTuesEncoder(nn.Module):
         x = rows.index_select(0, layout.visible_index)  # packed, h order
 
         intermediates: dict[int, Tensor] = {}
+        attention: dict[int, Tensor] = {}
         order = "h"  # current order of x
         for i, block in enumerate(self.encoder):
             if block.kind != order:
@@ -200,6 +230,8 @@ class VirTuesEncoder(nn.Module):
                 if layout.perm[block.kind] is not None:
                     x = x.index_select(0, layout.perm[block.kind])
                 order = block.kind
+            if i in return_attention:
+                attention[i] = block_attention_probs(block, x, layout.segments[block.kind], layout.grid_pos[block.kind])
             x = block(x, layout.segments[block.kind], layout.grid_pos[block.kind], backend)
             if i in return_intermediate:
                 x_h = x if layout.inv_perm[order] is None else x.index_select(0, layout.inv_perm[order])
@@ -209,4 +241,4 @@ class VirTuesEncoder(nn.Module):
 
         rows = rows.index_copy(0, layout.visible_index, x.to(rows.dtype))
         rows = self.layer_norm(rows).reshape(B + SC, h, w, d)
-        return EncoderOutput(rows[:B], rows[B:], intermediates)
+        return EncoderOutput(rows[:B], rows[B:], intermediates, attention)
