@@ -4,7 +4,7 @@ the result tables (see :mod:`analysis.virtues_reconstruction` for the protocol).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,7 @@ def build_marker_vocabulary(
     available: Mapping[str, Tensor],
     needed: Sequence[str],
     allow_missing: bool = False,
+    trained_markers: Collection[str] | None = None,
 ) -> MarkerVocabulary:
     """Rebuild the checkpoint's marker table and extend it with the evaluated panels' new markers.
 
@@ -111,6 +112,10 @@ def build_marker_vocabulary(
             sorted ids of ``available``, all counted as seen.
         allow_missing: trained ids without an embedding become NaN rows instead of an error (safe:
             only rows of evaluated channels are looked up, and those all have embeddings).
+        trained_markers: UniProt ids of the channels pretraining actually trained on
+            (``datamodules.virtues_trained_markers``). A table row outside it is ``seen=False``: the
+            table holds every embedding file of the pretraining folders, not only trained channels.
+            None = every table row counts as seen (when the pretraining data is unknown).
 
     Raises:
         ReconstructionError: a trained id has no embedding and ``allow_missing`` is False.
@@ -136,7 +141,8 @@ def build_marker_vocabulary(
     rows += [available[u].float().reshape(-1) for u in new]
     ids = trained + new
     table = torch.stack(rows) if rows else torch.zeros(0, dim)
-    seen = {u: True for u in trained}
+    trained_set = None if trained_markers is None else {str(u) for u in trained_markers}
+    seen = {u: trained_set is None or u in trained_set for u in trained}
     seen.update({u: False for u in new})
     if new:
         log.info("zero-shot: %d markers not in the pretraining table get their embedding appended: %s", len(new), new)

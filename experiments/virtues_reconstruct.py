@@ -19,7 +19,9 @@ Markers: the checkpoint stores the UniProt id order of its marker table; the tab
 the evaluated datasets' ``marker_embeddings`` (plus ``--embeddings`` folders) in that order. Markers
 of the evaluated panel absent from it are appended (zero-shot, ``seen=False``) when an embedding
 exists; channels without a UniProt id, failing QC or without any embedding are listed in the log
-and ``skipped_markers.csv``.
+and ``skipped_markers.csv``. A marker is "seen" when the pretraining data trained on a channel of it
+(``--trained-on`` folders, default the checkpoint's ``data_dirs``): a table row that only came from
+an embedding file in a pretraining folder counts as unseen.
 
 Outputs (written to a temporary folder, renamed to ``--out`` when complete): ``per_marker.csv``,
 ``summary.csv`` (``strategy,method,pearson_r,f1``), ``summary_seen_unseen.csv``,
@@ -52,6 +54,7 @@ from datamodules import layout
 from datamodules.command_line import run_command
 from datamodules.store import DatasetStore, StoreError
 from datamodules.virtues_eval_crops import load_crops
+from datamodules.virtues_trained_markers import trained_markers
 from lightning_modules.virtues_loading import available_embeddings, channel_plan, load_model, uniprot_id_or_none
 
 log = logging.getLogger("experiments.virtues_reconstruct")
@@ -86,8 +89,12 @@ def run(
     marker_max_crops: int | None = None,
     crop_size: int = 128,
     trust_checkpoint: bool = False,
+    trained_on: Sequence[str | Path] = (),
 ) -> ReconstructionResult:
-    """Load, build crops, evaluate, write ``out``; returns the result tables."""
+    """Load, build crops, evaluate, write ``out``; returns the result tables.
+
+    ``trained_on``: the pretraining dataset folders; default = the checkpoint's own DataModule
+    ``data_dirs`` when they exist here. Seen markers = channels those datasets trained on."""
     out = Path(out)
     check_output_folder(out, COMMAND, overwrite)
     buffer = io.StringIO()
@@ -110,8 +117,9 @@ def run(
                 raise StoreError(f"{s.url}: no modality {modality!r} (has {s.modalities()}); pass --modality")
         available = available_embeddings(stores, embeddings)
         needed = [u for s in stores for u in (uniprot_id_or_none(v) for v in s.channels(modality).get("uniprot_id", [])) if u]
-        vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, allow_missing_table_rows)
-        if loaded.trained_ids is None and not embeddings:
+        seen_set = seen_markers(loaded.data_hparams, trained_on, modality)
+        vocab = build_marker_vocabulary(loaded.trained_ids, available, needed, allow_missing_table_rows, seen_set)
+        if loaded.trained_ids is None and not embeddings and seen_set is None:
             log.warning("official weights carry no marker list: every marker is counted as seen (pass --embeddings "
                         "<official marker_embeddings folder> to use the official table order and seen/unseen split)")
         model = loaded.model
@@ -151,6 +159,7 @@ def run(
         summary = result.summary
         log.info("summary (mean over markers):\n%s", summary.to_string(index=False))
         info = {"ckpt": str(ckpt), "data": [str(d) for d in data], "split": split, "modality": modality,
+                "seen_from": "pretraining channels" if seen_set is not None else "marker table",
                 "max_crops": max_crops, "min_tissue_fraction": min_tissue_fraction, "fit_split": fit_split,
                 "crop_size": crop_size, "blur": blur, "n_table_rows": len(vocab.uniprot_ids),
                 "unseen_markers": [u for u, s in vocab.seen.items() if not s],
@@ -163,6 +172,20 @@ def run(
             lg.removeHandler(handler)
             lg.setLevel(lvl)
     return result
+
+
+def seen_markers(data_hparams: dict, trained_on: Sequence[str | Path], modality: str) -> set[str] | None:
+    """UniProt ids of the channels pretraining trained on (see ``datamodules.virtues_trained_markers``):
+    from ``trained_on`` when given, else from the checkpoint's DataModule ``data_dirs`` when all of
+    them exist here; None (every table row counted as seen, with a warning) when neither is known."""
+    dirs = [str(d) for d in trained_on] or [str(d) for d in data_hparams.get("data_dirs") or []]
+    if not dirs:
+        return None
+    if not trained_on and not all(Path(d).exists() for d in dirs):
+        log.warning("the checkpoint's pretraining folders %s are not here: every marker of its table is counted as "
+                    "seen; pass --trained-on <pretraining dataset> for the seen/unseen split", dirs)
+        return None
+    return trained_markers(dirs, str(data_hparams.get("modality", modality)), str(data_hparams.get("train_split", "train")))
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -193,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-split", default="train", help="split the most-correlated baseline is fitted on")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
     p.add_argument("--embeddings", action="append", default=[], help="extra marker_embeddings folder (repeatable)")
+    p.add_argument("--trained-on", action="append", default=[],
+                   help="pretraining dataset folder (repeatable): seen markers = its trained channels (default: the "
+                        "checkpoint's data_dirs when they exist here)")
     p.add_argument("--allow-missing-table-rows", action="store_true",
                    help="checkpoint markers without any embedding become unused NaN rows instead of an error")
     p.add_argument("--batch-size", type=int, default=16, help="samples (crop variants) per forward pass")
@@ -225,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      args.config, args.embeddings, args.allow_missing_table_rows, args.batch_size, args.min_tissue_fraction,
                      args.fit_split, mpp=args.mpp, strategies=strategies, device=args.device,
                      marker_max_crops=args.marker_max_crops, crop_size=args.crop_size,
-                     trust_checkpoint=args.trust_checkpoint)
+                     trust_checkpoint=args.trust_checkpoint, trained_on=args.trained_on)
         print(result.summary.to_string(index=False))
         print(f"wrote {args.out}")
 
