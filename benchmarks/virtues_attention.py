@@ -7,8 +7,11 @@ Usage::
     python -m benchmarks.virtues_attention --full-size   # d 512, 8 heads, 16 blocks, batch 16 (GPU)
 
 Table 1: forward + backward time and memory of the encoder at 10/20/40 markers: factorized
-(``hv`` alternating, VirTues) vs full attention over all visible tokens of a sample (``f`` blocks,
-CA-MAE-like) with the same width and depth. Training setting: independent masking U(0.6, 1).
+(``hv`` alternating, VirTues) vs full attention over all visible tokens of a sample (``f`` blocks)
+with the same width and depth: an ablation of VirTues' attention only. It is NOT the paper's CA-MAE
+baseline (no per-channel decoders, and marker identities still enter the tokens); Fig. 1e against
+the real CA-MAE is ``python -m benchmarks.virtues_vs_camae``. Training setting: independent masking
+U(0.6, 1).
 Memory = peak allocated CUDA memory on GPU; on CPU the bytes autograd saves for backward
 (activations, deduplicated by storage), which is what grows with the token count.
 
@@ -150,7 +153,7 @@ def build(args, pattern: str, device: torch.device, backend: str = "auto") -> Vi
 
 def table_factorized_vs_full(args, device: torch.device) -> None:
     fact_pattern = ("hv" * args.depth)[: args.depth]
-    print(f"\n## Factorized vs full-attention encoder  (d={args.dim}, heads={args.heads}, depth={args.depth}, "
+    print(f"\n## VirTues encoder: factorized vs full attention (an ablation, not CA-MAE; see benchmarks.virtues_vs_camae)  (d={args.dim}, heads={args.heads}, depth={args.depth}, "
           f"batch={args.batch}, {args.size}x{args.size} crops, masking={'U(0.6,1)' if not args.no_mask else 'none'}, "
           f"{device.type}, fwd+bwd, mean of {args.repeats} after {args.warmup} warm-up)")
     mem_label = "peak MB"
