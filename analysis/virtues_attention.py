@@ -108,17 +108,18 @@ def plot_importance(table: pd.DataFrame, path: str | Path, top: int = 15) -> Pat
 
 
 def plot_attention_map(background: np.ndarray, attention: np.ndarray, path: str | Path, title: str = "") -> Path:
-    """The tissue (``background``, (H, W), e.g. the mean of its preprocessed channels) beside the
-    stitched attention grid upsampled onto it (Suppl. Fig. 20a–b)."""
+    """The tissue (``background``, (H, W), e.g. the mean of its preprocessed channels; NaN = not
+    covered by a crop, left blank) beside the stitched attention grid upsampled onto it (Suppl. Fig. 20a–b)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     H, W = background.shape
+    background = np.ma.masked_invalid(background)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4 * H / max(W, 1) + 0.6))
     axes[0].imshow(background, cmap="gray")
-    axes[0].set_title("tissue (mean of channels)", fontsize=8)
+    axes[0].set_title("tissue (mean of channels, crops scored)", fontsize=8)
     axes[1].imshow(background, cmap="gray")
     im = axes[1].imshow(np.ma.masked_invalid(attention), cmap="inferno", alpha=0.6, extent=(0, W, H, 0),
                         interpolation="nearest")

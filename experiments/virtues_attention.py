@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             for tid, grid in maps.items():
                 crops_t, corners, shape = data[tid]
                 background = stitch_maps([c.mean(0).numpy() for c in crops_t], [tuple(c) for c in corners], shape, 1)
-                plot_attention_map(np.nan_to_num(background, nan=float(np.nanmin(background))), grid,
-                                   tmp / "attention_maps" / f"{tid}.png", title=f"{tid} ({args.label_column})")
+                plot_attention_map(background, grid, tmp / "attention_maps" / f"{tid}.png",
+                                   title=f"{tid} ({args.label_column})")
     return importance
 
 
