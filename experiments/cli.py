@@ -62,6 +62,8 @@ class VirtuplexCLI(LightningCLI):
                 init_args["save_dir"] = root
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self._reopen_logger_runs(config, trainer, root)
+        if self.subcommand == "fit":
+            log_effective_batch(config.get("data"), trainer)
 
     def _check_checkpoint(self, config: Any) -> None:
         """``--ckpt_path FILE`` goes through the project's safe loader first: a file whose pickle
@@ -138,3 +140,18 @@ def run_cli(main: Callable[[list[str] | None], Any], args: list[str] | None = No
     """A LightningCLI entry point under the error contract: a user error (bad config value, missing
     dataset piece, unsafe checkpoint) is one line and exit code 2; argument errors stay jsonargparse's."""
     return run_command(lambda: main(args) and None)
+
+
+def log_effective_batch(data: Any, trainer: Any) -> int | None:
+    """Log the batch one optimizer step sees: recipes give ``data.batch_size`` per device (the ROSIE
+    paper's 256 is 64 per GPU on 4 GPUs), so the total is only known once devices are."""
+    batch = data.get("batch_size") if data is not None else None
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    accumulate = trainer.get("accumulate_grad_batches") or 1
+    if not (isinstance(batch, int) and isinstance(devices, int)):
+        return None
+    total = batch * devices * nodes * accumulate
+    log.info("effective batch = data.batch_size %d per device x %d device(s) x %d node(s) x %d accumulation = %d",
+             batch, devices, nodes, accumulate, total)
+    return total
+
