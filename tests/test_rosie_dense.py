@@ -37,7 +37,7 @@ def _exact(model: torch.nn.Module, x: torch.Tensor, stride: int, ni: int, nj: in
         return torch.stack([model(r) for r in rows])
 
 
-@pytest.mark.parametrize("stride", [8, 4, 3, 16])
+@pytest.mark.parametrize("stride", [8, 4, 16, pytest.param(6, marks=pytest.mark.slow)])
 def test_dense_equals_exact_without_spatial_context(stride):
     model = _atto(gamma=0.0)
     dense = DenseConvNeXt(model)
@@ -97,5 +97,15 @@ def test_resizing_networks_are_refused():
     with pytest.raises(ValueError, match="--mode exact"):
         dense_network(official_like)
     normalise_only = RosieRegressor(_atto(), RosieInputAdapter(None, (0.5,) * 3, (0.2,) * 3))
-    dense, adapter = dense_network(normalise_only)
-    assert isinstance(dense, DenseConvNeXt) and adapter.normalise
+    net = dense_network(normalise_only)
+    assert isinstance(net.dense, DenseConvNeXt) and net.mean is not None and net.inset == 0
+
+
+def test_centre_crop_network_pools_the_crop():
+    model = RosieRegressor(_atto(3, gamma=0.0), RosieInputAdapter(None, (0.5,) * 3, (0.2,) * 3, center_crop=64))
+    predictor = PatchPredictor(model, ["a", "b", "c"], input_scale="unit", device="cpu")
+    assert dense_network(model).inset == 32
+    region = np.random.default_rng(1).integers(0, 256, size=(3, 128 + 16, 128 + 8), dtype=np.uint8)
+    fg = np.ones((3, 2), dtype=bool)
+    pred, _ = predict_tile_dense(region, fg, predictor, 8, 4)
+    np.testing.assert_allclose(pred, predict_tile(region, fg, predictor, 8, 4)[0], rtol=1e-4, atol=1e-4)
