@@ -3,7 +3,7 @@
     python -m experiments.data_ingest --image FILE_OR_FOLDER --modality imc --dataset NAME --tissue-id ID --out DIR ...
 
 Accepted images: OME-TIFF / TIFF (multi-channel fluorescence or IMC, RGB H&E; pyramidal files are
-read at full resolution), a FOLDER of single-channel TIFFs (one per marker, file stem = marker name,
+read at full resolution), slide files for H&E (.svs, .ndpi, .mrxs, .scn via OpenSlide), a FOLDER of single-channel TIFFs (one per marker, file stem = marker name,
 as MIBI exports), or PNG/JPEG for H&E. Channel names come from the OME-XML, the folder's file names
 or, for a plain TIFF, the channel table CSV (columns `channel_name`, `uniprot_id`; optional
 `is_nuclear_marker`, `qc_pass`).
@@ -12,6 +12,10 @@ Why everything is checked before anything is written: a dataset folder is shared
 bad file must fail with one line naming the file, the field and the fix, and must leave the dataset
 as it was. A new dataset is assembled in a temporary folder and renamed into place; additions to an
 existing one write each piece atomically (image first, tables last).
+
+Images above 256 MB (and any with ``stream=True``) are not read whole: they are copied shard by
+shard and checked on the way (:mod:`datamodules.ingest_streaming`), so a 90 GB whole-slide CODEX
+ingests in bounded memory; the result is the same dataset.
 """
 
 from __future__ import annotations
@@ -27,26 +31,16 @@ import pandas as pd
 
 from datamodules import layout
 from datamodules.dataset_lock import dataset_lock
-from datamodules.ingest_files import (
-    HE,
-    MODALITY_PATTERN,
-    IngestError,
-    build_channels,
-    check_finite,
-    check_mask_shape,
-    normalise_he,
-    normalise_multiplex,
-    read_any,
-    read_channel_table,
-    read_mask,
-    read_table,
-    resolve_channel_names,
-    to_instance_mask,
-)
+from datamodules.ingest_files import (HE, MODALITY_PATTERN, IngestError, LoadedImage, build_channels, check_finite,
+                                     check_mask_shape, normalise_he, normalise_multiplex, read_any, read_channel_table,
+                                     read_mask, read_table, resolve_channel_names, to_instance_mask)
 from datamodules.ingest_panel import embeddings_to_copy, merge_panel
+from datamodules.ingest_streaming import (PanelImage, check_lazy_he, check_lazy_multiplex, open_source, should_stream,
+                                          stats_block_rows, thumbnail_tissue_mask, write_image_streaming)
 from datamodules.preprocess import otsu_tissue_mask
 from datamodules.provenance import MEASURED, check_dataset_target
-from datamodules.registration import RegistrationError, find_dapi_channel, register_he_to_dapi, warp_to
+from datamodules.registration import (RegistrationError, WarpedImage, find_dapi_channel, register_downsampled,
+                                      register_he_to_dapi, warp_to)
 from datamodules.statistics import compute_and_store_statistics
 from datamodules.store import DatasetStore, DatasetWriter, StoreError
 
@@ -97,7 +91,7 @@ def _modality_has_image(store: Any, modality: str, tissue_id: str) -> list[float
 class SourceImage:
     """The image as read and checked, before the dataset is looked at."""
 
-    array: np.ndarray  # (C, Y, X)
+    array: Any  # (C, Y, X): an ndarray, or a lazy reader (shape/dtype/read) when streamed
     channels: pd.DataFrame  # channels.parquet rows of this image
     mpp: float | None  # None: the file does not say
     source: str
@@ -123,12 +117,14 @@ def ingest(
     register_to_dapi: str | None = None,
     dapi_modality: str = "codex",
     dapi_channel: str | None = None,
+    stream: bool | None = None,
 ) -> IngestResult:
     """Add one tissue's image (and masks/tables) to `out/dataset`; see the module docstring.
 
     Steps: check the arguments; read and check the image (no lock); then, holding the dataset's
     write lock (so concurrent ingests into one dataset lose no table row), look at the dataset,
     register, build the tissue row, masks, cells, panel and embeddings, and write.
+    ``stream`` (None: by size) copies the image shard by shard instead of reading it whole.
     """
     warnings: list[str] = []
     image = Path(image)
@@ -136,7 +132,7 @@ def ingest(
     root = Path(out) / dataset
     check_dataset_target(root, MEASURED, "ingest", flag="--out/--dataset",
                          file_hint="--out is the folder that holds datasets")
-    src = read_source(image, modality, channels, warnings)
+    src = read_source(image, modality, channels, warnings, stream)
     with dataset_lock(root):
         store = _existing_store(root)
         mpp = _resolution(src, resolution, register_to_dapi, warnings)
@@ -155,7 +151,13 @@ def ingest(
         tmask = _tissue_mask(store, tissue_id, image, mask, arr, modality, mpp, present_at, warnings)
         cmask = _cell_mask(cell_mask, (h, w))
         cells_df = _cells_table(cells_csv, tissue_id, cmask)
-        panel_df, arr, measured, new_channels = merge_panel(store, modality, src.channels, arr, image, extend_panel, warnings)
+        if isinstance(arr, np.ndarray):
+            panel_df, arr, measured, new_channels = merge_panel(store, modality, src.channels, arr, image, extend_panel, warnings)
+        else:  # the panel is decided from the names alone; the lazy image reorders as it is read
+            placeholder = np.zeros((arr.shape[0], 1, 1), dtype=arr.dtype)
+            panel_df, _, measured, new_channels = merge_panel(store, modality, src.channels, placeholder, image,
+                                                              extend_panel, warnings)
+            arr = PanelImage(arr, list(src.channels["channel_name"]), list(panel_df["channel_name"]), src.source)
         embed_tensors = embeddings_to_copy(Path(embeddings) if embeddings else None, panel_df, store)
         if modality != HE:
             _warn_unusable_markers(src.channels, store, embed_tensors, root, warnings)
@@ -163,6 +165,8 @@ def ingest(
                       tmask=tmask, cmask=cmask, cells_df=cells_df, tissue_row=tissue_row, embed_tensors=embed_tensors,
                       new_channels=new_channels, overwrite=overwrite, store=store, present_at=present_at)
         created = _write(root, store is None, pieces)
+        if getattr(arr, "min_seen", 0) < 0 and modality != HE:
+            warnings.append(f"{src.source}: negative pixel values (min {arr.min_seen}); they are clipped to 0 by the preprocessing")
     for msg in warnings:
         log.warning(msg)
     return IngestResult(root, modality, tissue_id, float(mpp), tuple(arr.shape), list(panel_df["channel_name"]),
@@ -193,11 +197,14 @@ def _check_arguments(image: Path, modality: str, dataset: str, tissue_id: str, s
         raise IngestError(image, "split", str(exc), "pass --split train, val or test") from None
 
 
-def read_source(image: Path, modality: str, channels: str | Path | None, warnings: list[str]) -> SourceImage:
+def read_source(image: Path, modality: str, channels: str | Path | None, warnings: list[str],
+                stream: bool | None = None) -> SourceImage:
     """The image as (C,Y,X) with its channel rows; every check that needs only the file."""
-    loaded = read_any(image)
     table_path = Path(channels) if channels is not None else None
     table = read_channel_table(table_path) if table_path is not None else None
+    if image.exists() and should_stream(image, stream):
+        return _lazy_source(image, modality, table, table_path, warnings)
+    loaded = read_any(image)
     if modality == HE:
         arr = normalise_he(loaded)
         channel_df = pd.DataFrame({"channel_name": ["R", "G", "B"], "uniprot_id": pd.array([None] * 3, dtype="string"),
@@ -212,6 +219,24 @@ def read_source(image: Path, modality: str, channels: str | Path | None, warning
     if arr.shape[1] < 2 or arr.shape[2] < 2:
         raise IngestError(loaded.source, "size", f"image is {arr.shape[1]}×{arr.shape[2]} px", "ingest a 2-D image, not a line")
     return SourceImage(arr, channel_df, loaded.mpp, loaded.source)
+
+
+def _lazy_source(image: Path, modality: str, table: pd.DataFrame | None, table_path: Path | None,
+                 warnings: list[str]) -> SourceImage:
+    """The header checks of :func:`read_source` on a lazily opened image; pixels are checked while copied."""
+    reader = open_source(image)
+    if modality == HE:
+        check_lazy_he(reader, str(image))
+        channel_df = pd.DataFrame({"channel_name": ["R", "G", "B"], "uniprot_id": pd.array([None] * 3, dtype="string"),
+                                   "is_nuclear_marker": False, "qc_pass": True})
+    else:
+        loaded = LoadedImage(np.empty((0,)), reader.channel_names, reader.mpp, str(image))
+        names, names_from = resolve_channel_names(loaded, table, table_path)
+        check_lazy_multiplex(reader, len(names), names_from, str(image))
+        channel_df = build_channels(names, table, table_path, warnings)
+    if min(reader.shape[1:]) < 2:
+        raise IngestError(image, "size", f"image is {reader.shape[1]}×{reader.shape[2]} px", "ingest a 2-D image, not a line")
+    return SourceImage(reader, channel_df, reader.mpp, str(image))
 
 
 def _resolution(src: SourceImage, resolution: float | None, register_to_dapi: str | None, warnings: list[str]) -> float:
@@ -311,8 +336,8 @@ def _tissue_mask(store: Any, tissue_id: str, image: Path, mask: str | Path | Non
                           f"at {mpp} µm/px, this one is {(h, w)}",
                           "co-stained images of one tissue must share a pixel grid: register them "
                           "(--register-to-dapi), or use another --tissue-id or --resolution")
-    tmask = otsu_tissue_mask(arr, modality)
-    if not tmask.any():
+    tmask = otsu_tissue_mask(arr, modality) if isinstance(arr, np.ndarray) else thumbnail_tissue_mask(arr, modality)
+    if tmask is None or not tmask.any():
         warnings.append(f"{image}: Otsu found no tissue; using the whole image as tissue (pass --mask)")
         return np.ones((h, w), bool)
     return tmask
@@ -380,12 +405,12 @@ def _write(root: Path, new_dataset: bool, pieces: dict[str, Any]) -> bool:
             with DatasetWriter.create(root, kind=MEASURED, written_by="ingest") as writer:
                 _write_all(writer, **pieces)
                 if modality != HE:
-                    _recompute_stats(writer.root, modality, mpp, tissue_id)
+                    _recompute_stats(writer.root, modality, mpp, tissue_id, pieces["arr"])
         else:
             writer = DatasetWriter.open(root, create=False, kind=MEASURED, written_by="ingest")
             _write_all(writer, **pieces)
             if modality != HE:
-                _recompute_stats(str(root), modality, mpp, tissue_id)
+                _recompute_stats(str(root), modality, mpp, tissue_id, pieces["arr"])
     except StoreError as exc:
         raise IngestError(root, "dataset", str(exc), "fix the dataset folder (python -m experiments.data_info DIR)") from exc
     return new_dataset
@@ -408,7 +433,10 @@ def _write_all(writer: Any, *, modality: str, tissue_id: str, arr: np.ndarray, m
                 data = old.read_all()
                 pad = np.zeros((len(names) - data.shape[0],) + data.shape[1:], dtype=data.dtype)
                 writer.write_image(modality, tid, np.concatenate([data, pad]), res, names)
-    writer.write_image(modality, tissue_id, arr, mpp, names)
+    if isinstance(arr, np.ndarray):
+        writer.write_image(modality, tissue_id, arr, mpp, names)
+    else:
+        write_image_streaming(writer, modality, tissue_id, arr, mpp, names)
     if overwrite:
         for res in present_at:
             if res != mpp:  # an older copy at another resolution would now be stale
@@ -426,8 +454,10 @@ def _write_all(writer: Any, *, modality: str, tissue_id: str, arr: np.ndarray, m
         writer.append_tissues(pd.DataFrame([tissue_row]), replace=overwrite)
 
 
-def _recompute_stats(root: str | Path, modality: str, mpp: float, tissue_id: str) -> None:
-    compute_and_store_statistics(str(root), modality, mpp, force=True, reuse_upper_quantiles=True, stale_tissues=[tissue_id])
+def _recompute_stats(root: str | Path, modality: str, mpp: float, tissue_id: str, arr: Any) -> None:
+    """Row blocks of ~16 MB: a slide-wide block of 1024 rows would be GBs for a 40-channel slide."""
+    compute_and_store_statistics(str(root), modality, mpp, force=True, reuse_upper_quantiles=True, stale_tissues=[tissue_id],
+                                 block_rows=stats_block_rows(arr.shape, arr.dtype))
 
 
 def _register_he(he: np.ndarray, store: Any, root: Path, codex_tissue: str, dapi_modality: str, dapi_channel: str | None,
@@ -443,10 +473,25 @@ def _register_he(he: np.ndarray, store: Any, root: Path, codex_tissue: str, dapi
     except RegistrationError as exc:
         raise IngestError(img.path, "channels", str(exc), "pass --dapi-channel NAME") from exc
     c, h, w = img.shape
-    dapi = img.read(0, 0, h, w, channels=[idx])[0]
     try:
-        reg = register_he_to_dapi(np.moveaxis(he, 0, -1), dapi)
+        if not isinstance(he, np.ndarray):  # a slide: register thumbnails, warp tile by tile while writing
+            reg = register_downsampled(he, _ChannelOf(img, idx))
+            return WarpedImage(he, reg.transform, (h, w), fill=255), res, reg
+        reg = register_he_to_dapi(np.moveaxis(he, 0, -1), img.read(0, 0, h, w, channels=[idx])[0])
     except RegistrationError as exc:
         raise IngestError(image, "registration", str(exc), "check that the H&E and DAPI show the same tissue") from exc
     warped = warp_to(he, reg.transform, (h, w), fill=255)
     return warped.astype(np.uint8), res, reg
+
+
+class _ChannelOf:
+    """One channel of a store image as a ``(1, H, W)`` readable image (the DAPI for registration)."""
+
+    def __init__(self, image: Any, channel: int):
+        self.image, self.channel = image, channel
+        self.shape = (1, *image.shape[1:])
+        self.dtype = image.dtype
+        self.name = f"{image.path} channel {channel}"
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.image.read(y, x, h, w, channels=[self.channel])

@@ -213,3 +213,84 @@ def warp_to(image: np.ndarray, transform: np.ndarray, shape: tuple[int, int], fi
         return out[0]
     return np.moveaxis(out, 0, -1) if channels_last else out
 
+
+
+# ============================================================================================
+# Slide scale: register from downsampled images, warp tile by tile
+# ============================================================================================
+
+
+def _full_to_small(factor: float) -> np.ndarray:
+    """3×3 map from full-resolution px to the px of a factor-``f`` block-mean thumbnail (pixel centres)."""
+    f = float(factor)
+    return np.array([[1 / f, 0, 0.5 / f - 0.5], [0, 1 / f, 0.5 / f - 0.5], [0, 0, 1.0]])
+
+
+def register_downsampled(he: object, dapi: object, max_side: int = 2048, **kwargs: float) -> Registration:
+    """H&E → DAPI registration of slide-sized images from their thumbnails, mapped to full resolution.
+
+    ``he`` (``(3,H,W)`` uint8) and ``dapi`` (``(1,H,W)``) are lazy readers (``shape``, ``read``; a
+    :class:`datamodules.slide_readers.SlideReader` uses its pyramid). Both are block-averaged to at
+    most ``max_side`` px, registered as in :func:`register_he_to_dapi`, and the transform is
+    composed with the two scalings; the residual is reported in full-resolution DAPI px.
+    """
+    from datamodules.slide_readers import ReadableReader, SlideReader
+
+    he_r = he if isinstance(he, SlideReader) else ReadableReader(he)
+    dapi_r = dapi if isinstance(dapi, SlideReader) else ReadableReader(dapi)
+    he_small, f_he = he_r.thumbnail(max_side)
+    dapi_small, f_dapi = dapi_r.thumbnail(max_side)
+    side = max(he_small.shape[1:] + dapi_small.shape[1:]) + 1
+    reg = register_he_to_dapi(np.moveaxis(he_small, 0, -1), dapi_small[0], max_side=side, **kwargs)
+    small = np.vstack([reg.transform, [0, 0, 1]])
+    full = np.linalg.inv(_full_to_small(f_dapi)) @ small @ _full_to_small(f_he)
+    return Registration(full[:2].copy(), reg.n_inliers, reg.n_matches, reg.residual_px * f_dapi, reg.signal)
+
+
+class WarpedImage:
+    """``source`` resampled into a ``shape`` grid by ``transform`` (source px → destination px), lazily.
+
+    ``read(y, x, h, w)`` reads only the source region the destination tile maps from (plus a
+    margin for the interpolation) and warps it, so a slide is registered with a few tiles in memory;
+    the result equals :func:`warp_to` of the whole image up to rounding of the interpolation
+    weights. Pixels mapping outside the source get ``fill``.
+    """
+
+    def __init__(self, source: object, transform: np.ndarray, shape: tuple[int, int], fill: float = 0,
+                 interpolation: str = "linear", margin: int = 3):
+        self.source = source
+        c = int(source.shape[0])  # type: ignore[attr-defined]
+        self.shape = (c, int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(source.dtype)  # type: ignore[attr-defined]
+        self.forward = np.vstack([np.asarray(transform, dtype=np.float64).reshape(2, 3), [0, 0, 1]])
+        self.inverse = np.linalg.inv(self.forward)
+        self.fill, self.interpolation, self.margin = fill, interpolation, margin
+        self.name = f"{getattr(source, 'name', 'image')} (registered)"
+
+    def read(self, y: int, x: int, h: int, w: int, channels: Sequence[int] | None = None) -> np.ndarray:
+        import cv2
+
+        _, sh, sw = self.source.shape  # type: ignore[attr-defined]
+        corners = np.array([[x - 1, y - 1, 1], [x + w, y - 1, 1], [x - 1, y + h, 1], [x + w, y + h, 1]], dtype=np.float64).T
+        src = (self.inverse @ corners)[:2]
+        x0 = max(0, int(math.floor(src[0].min())) - self.margin)
+        y0 = max(0, int(math.floor(src[1].min())) - self.margin)
+        x1 = min(sw, int(math.ceil(src[0].max())) + self.margin + 1)
+        y1 = min(sh, int(math.ceil(src[1].max())) + self.margin + 1)
+        c = self.shape[0]
+        if x1 <= x0 or y1 <= y0:
+            out = np.full((c, h, w), self.fill, dtype=self.dtype)
+        else:
+            block = np.asarray(self.source.read(y0, x0, y1 - y0, x1 - x0))  # type: ignore[attr-defined]
+            # destination-local (x, y) -> source-local: shift, invert, shift
+            local = (np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1.0]]) @ self.inverse
+                     @ np.array([[1, 0, x], [0, 1, y], [0, 0, 1.0]]))
+            flags = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "cubic": cv2.INTER_CUBIC}[self.interpolation]
+            work = block.dtype if block.dtype in (np.uint8, np.uint16, np.float32, np.float64) else np.float32
+            out = np.empty((c, h, w), dtype=work)
+            for i, plane in enumerate(block):
+                out[i] = cv2.warpAffine(np.ascontiguousarray(plane, dtype=work), local[:2], (w, h),
+                                        flags=flags | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                                        borderValue=self.fill)
+            out = out.astype(self.dtype, copy=False)
+        return out if channels is None else out[list(channels)]

@@ -100,7 +100,7 @@ class SlideReader:
         ok = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.001]
         return max(ok, key=lambda i: self.level_downsamples[i]) if ok else 0
 
-    def thumbnail(self, max_side: int = 2048, read_px: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_side: int = 2048, read_bytes: int = 32 * 2**20) -> tuple[np.ndarray, float]:
         """``(C, h, w)`` area-averaged overview with ``max(h, w) <= max_side`` and its downsample factor.
 
         Reads the coarsest pyramid level that is fine enough, tile by tile, and block-averages it:
@@ -113,6 +113,7 @@ class SlideReader:
         lh, lw = self.level_shapes[level]
         th, tw = -(-lh // factor), -(-lw // factor)
         out = np.empty((self.channels, th, tw), dtype=self.dtype)
+        read_px = max(factor, int(math.sqrt(read_bytes / (self.channels * self.dtype.itemsize))))  # a block of ~read_bytes
         step = max(1, read_px // factor) * factor
         for y in range(0, lh, step):
             for x in range(0, lw, step):
@@ -146,11 +147,14 @@ def block_mean(block: np.ndarray, factor: int) -> np.ndarray:
     if (ph, pw) != (h, w):
         block = np.pad(block, ((0, 0), (0, ph - h), (0, pw - w)), mode="edge")
     work = np.float64 if block.dtype.itemsize > 4 or np.issubdtype(block.dtype, np.integer) else np.float32
-    mean = block.reshape(c, ph // factor, factor, pw // factor, factor).mean(axis=(2, 4), dtype=work)
-    if np.issubdtype(block.dtype, np.integer):
-        info = np.iinfo(block.dtype)
-        return np.clip(np.rint(mean), info.min, info.max).astype(block.dtype)
-    return mean.astype(block.dtype)
+    out = np.empty((c, ph // factor, pw // factor), dtype=block.dtype)
+    for i in range(c):  # channel by channel: the float copy is one plane, not the block
+        mean = block[i].reshape(ph // factor, factor, pw // factor, factor).mean(axis=(1, 3), dtype=work)
+        if np.issubdtype(block.dtype, np.integer):
+            info = np.iinfo(block.dtype)
+            mean = np.clip(np.rint(mean), info.min, info.max)
+        out[i] = mean
+    return out
 
 
 # ============================================================================================
@@ -172,6 +176,22 @@ class ArrayReader(SlideReader):
 
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         return np.asarray(self.array[:, y : y + h, x : x + w])
+
+
+class ReadableReader(SlideReader):
+    """Any object with ``shape (C,H,W)``, ``dtype`` and ``read(y, x, h, w)`` as a single-level reader
+    (thumbnails of a lazily warped or reordered image)."""
+
+    backend = "readable"
+
+    def __init__(self, image: Any, name: str | None = None):
+        self.image = image
+        c, h, w = (int(n) for n in image.shape)
+        super().__init__(name or str(getattr(image, "name", getattr(image, "source", "image"))), [(h, w)], c, image.dtype,
+                         getattr(image, "mpp", None), getattr(image, "channel_names", None))
+
+    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return np.asarray(self.image.read(y, x, h, w))
 
 
 class OpenSlideReader(SlideReader):
