@@ -40,7 +40,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import torch
 
 from analysis import cell_segmentation as cs
 from analysis.outputs import looks_like_dataset
@@ -48,8 +50,10 @@ from datamodules import layout
 from datamodules.command_line import run_command
 from datamodules.image_files import open_tiff, read_mask_file
 from datamodules.store import DatasetStore, StoreError, instance_ids
+from callbacks.rosie_prediction_writer import RosiePredictionWriter
+from datamodules.rosie_tiles import RosieTileDataModule
 from lightning_modules import rosie_inference as ri
-from lightning_modules.tissue_jobs import TissueJob, parse_devices, run_tissue_jobs
+from lightning_modules.tissue_jobs import TissueJob, parse_devices
 
 log = logging.getLogger("rosie_predict")
 
@@ -89,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="Lightning devices per node (an int or 'auto'): tissues are shared out across ranks")
     p.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node prediction with torchrun / SLURM)")
     p.add_argument("--strategy", default=None, help="Lightning strategy (default ddp when more than one device)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes reading H&E regions (0: read in the main process)")
+    p.add_argument("--mode", choices=["exact", "dense"], default="exact",
+                   help="exact: every patch through the network; dense: the dense approximation (faster)")
+    p.add_argument("--stitching", choices=["grid", "official"], default="grid",
+                   help="grid: one prediction per stride block, white padding (this project); official: the authors' "
+                        "script (stride halved, black padding, Gaussian splat at native resolution)")
+    p.add_argument("--resample", action="store_true",
+                   help="an H&E at another µm/px than the model's is resampled to the model's on the fly")
+    p.add_argument("--ignore-resolution", action="store_true",
+                   help="predict an H&E at another µm/px than the model's as it is")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -178,6 +193,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-nodes {args.num_nodes}: must be >= 1")
     if not 0 <= args.expand_um <= 100:
         raise ValueError(f"--expand-um {args.expand_um}: must be between 0 and 100 µm")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers {args.num_workers}: must be >= 0")
+    if args.resample and args.ignore_resolution:
+        raise ValueError("--resample and --ignore-resolution contradict each other: pass one of them")
     if args.segment and args.cell_mask:
         raise ValueError("--segment and --cell-mask both give the cells: pass one of them")
 
@@ -214,6 +233,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: predict(args))
 
 
+def source_mpp(args: argparse.Namespace, he: Path, job: TissueJob, model_mpp: float | None) -> float:
+    """The H&E's µm/px: the store's, the file's, ``--mpp``, else the model's (or 0.5 µm/px) with a warning."""
+    if job.source == "store":
+        return float(DatasetStore(str(he)).image("he", job.tissue_id).mpp)
+    if args.mpp:
+        return float(args.mpp)
+    image, file_mpp = ri.open_he_image(he)
+    image.close()
+    if file_mpp is None:
+        guess = model_mpp or 0.5
+        log.warning("%s: no pixel size in the file and no --mpp: assuming %g µm/px", he, guess)
+        return guess
+    return float(file_mpp)
+
+
+def check_resolution(name: str, mpp: float, model_mpp: float | None, args: argparse.Namespace) -> list | None:
+    """``[from, to]`` µm/px to resample, None to predict as is; refuses a mismatch nobody asked for."""
+    if model_mpp is None or ri.same_mpp(mpp, model_mpp) or args.ignore_resolution:
+        return None
+    if args.resample:
+        return [mpp, model_mpp]
+    raise ValueError(f"{name}: the H&E is {mpp:g} µm/px but the model {args.ckpt} was trained at {model_mpp:g} µm/px; "
+                     f"pass --resample to resample it to {model_mpp:g} µm/px on the fly, or --ignore-resolution to "
+                     f"predict at {mpp:g} µm/px anyway")
+
+
 def predict(args: argparse.Namespace) -> int:
 
     check_arguments(args)
@@ -227,7 +272,7 @@ def predict(args: argparse.Namespace) -> int:
     options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
                                 foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
                                 blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, stitching=args.stitching, mode=args.mode)
     jobs: list = []
     if he.is_dir():
         if not looks_like_dataset(he):
@@ -267,7 +312,6 @@ def predict(args: argparse.Namespace) -> int:
         layout.check_tissue_id(job.tissue_id)
     if args.cell_mask:
         load_cell_mask(args.cell_mask)  # refuse a bad mask before loading the model
-    distributed = args.devices is not None or args.num_nodes > 1 or args.accelerator is not None
 
     todo, done = pending_jobs(jobs, args.out, options, need_cells=bool(args.segment))
     for job in done:
@@ -277,21 +321,35 @@ def predict(args: argparse.Namespace) -> int:
 
     predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
                                                   trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
+    model_mpp = predictor.meta.get("model_mpp")
+    if model_mpp is None:
+        log.info("%s states no H&E µm/px: the input resolution is not checked", args.ckpt)
+    resample = {}
+    for job in todo:  # every resolution is checked before anything is written
+        name = f"--he {he}" + (f" tissue {job.tissue_id!r}" if job.source == "store" else "")
+        mpp = source_mpp(args, he, job, model_mpp)
+        resample[job.tissue_id] = (mpp, check_resolution(name, mpp, model_mpp, args))
+        if resample[job.tissue_id][1] and (args.cell_mask or args.segment):
+            raise ValueError(f"{name}: --resample with cell masks is not supported (the mask is at {mpp:g} µm/px); "
+                             "resample the slide and its mask first")
     reference = ri.load_reference_hists(args.reference_hist, predictor)
     if reference is None:
         log.info("no training-set H&E histograms (--reference-hist or checkpoint): the W1 QC is skipped")
     channel_table = ri.store_channel_table(str(he)) if he.is_dir() else None
 
-    def run_job(job: TissueJob, predictor: ri.PatchPredictor, rank: int = 0) -> dict:
+    def prepare_job(job: TissueJob) -> None:
+        """One tissue's plan: its inputs gathered (and cells segmented) once, by global rank 0."""
+        mpp, resampling = resample[job.tissue_id]
         if job.source == "store":
-            image, mpp, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), job.tissue_id)
+            image, _, tissue_mask, cell_mask, row = ri.store_tissue_inputs(str(he), job.tissue_id)
+            source = {"kind": "store", "root": str(he.resolve()), "tissue_id": job.tissue_id}
+            identity = {**source, "image": str(getattr(image, "path", ""))}
         else:
-            image, file_mpp = ri.open_he_image(he)
-            mpp = args.mpp or file_mpp
-            if mpp is None:
-                mpp = 0.5
-                log.warning("%s: no pixel size in the file and no --mpp: assuming 0.5 µm/px", he)
+            image, _ = ri.open_he_image(he)
             tissue_mask, cell_mask, row = None, None, {"source": str(he.resolve())}
+            source = {"kind": "file", "path": str(he.resolve())}
+            stat = he.stat()
+            identity = {**source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         if args.cell_mask:
             cell_mask = load_cell_mask(args.cell_mask)
         segmentation = None
@@ -300,32 +358,49 @@ def predict(args: argparse.Namespace) -> int:
                                                      he if job.source == "store" else None, job.tissue_id)
         elif args.segment:
             log.info("%s: the dataset stores a cell mask; it is used instead of --segment", job.tissue_id)
-        # a tissue without a completion record is a leftover of an interrupted run: redo it
-        job_options = dataclasses.replace(options, overwrite=True, progress=options.progress and rank == 0)
+        if resampling:
+            source["resample"] = resampling
+            image, tissue_mask = ri.resample_he(image, *resampling), None
+            mpp = resampling[1]
+        meta = {**ri.predictor_meta(predictor, args.mode), "source_mpp": resample[job.tissue_id][0]}
         try:
-            entry = ri.predict_to_dataset(image, predictor, args.out, job.tissue_id, mpp, job_options,
-                                          tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference,
-                                          tissue_row=row, channel_table=channel_table, update_shared=not distributed,
-                                          segmentation=segmentation)
+            ri.plan_tissue(image, predictor, args.out, job.tissue_id, mpp,
+                           dataclasses.replace(options, overwrite=True), source=source, fresh=args.overwrite,
+                           tissue_mask=tissue_mask, cell_mask=cell_mask, reference_hists=reference, tissue_row=row,
+                           channel_table=channel_table, segmentation=segmentation, identity=identity, meta=meta)
         finally:
             if hasattr(image, "close"):
                 image.close()
+
+    def report(entry: dict) -> None:
         dr = [v for v in entry["dynamic_range"].values() if v is not None]
-        print(f"{job.tissue_id}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
+        print(f"{entry['tissue_id']}: output {entry['output_shape']} at {entry['output_mpp']:g} µm/px -> {args.out}/{entry['image']}"
               + (f"; median dynamic range {np.median(dr):.3g}" if dr else "")
               + (f"; W1 to training H&E {entry['w1_to_training_he']:.3g}" if entry["w1_to_training_he"] is not None else ""),
               flush=True)
-        return entry
 
-    if distributed:
-
-        run_tissue_jobs(predictor, todo, run_job, merge=lambda: ri.merge_records(args.out),
-                        accelerator=args.accelerator or "auto", devices=parse_devices(args.devices),
-                        num_nodes=args.num_nodes, strategy=args.strategy, progress=not args.no_progress)
-    else:
-        for job in todo:
-            run_job(job, predictor)
+    accelerator, devices = lightning_devices(args)
+    datamodule = RosieTileDataModule(args.out, [job.tissue_id for job in todo],
+                                     prepare=lambda: [prepare_job(job) for job in todo], num_workers=args.num_workers)
+    writer = RosiePredictionWriter(args.out, on_tissue=report)
+    torch.set_grad_enabled(False)
+    strategy = args.strategy or ("ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto")
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
+                        callbacks=[writer], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=not args.no_progress, inference_mode=True)
+    trainer.predict(ri.RosieTilePredictor(predictor, args.batch_size, args.mode), datamodule=datamodule,
+                    return_predictions=False)
     return 0
+
+
+def lightning_devices(args: argparse.Namespace) -> tuple[str, int | str | list[int]]:
+    """``--accelerator/--devices`` as given, else one device from ``--device`` (auto | cpu | cuda | cuda:N)."""
+    if args.devices is not None or args.accelerator is not None:
+        return args.accelerator or "auto", parse_devices(args.devices if args.devices is not None else 1)
+    device = ri.resolve_device(args.device)
+    if device.type == "cuda":
+        return "gpu", [device.index or 0]
+    return "cpu", 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class RosieModule(L.LightningModule):
 
     ``official_checkpoint``: the authors' released weights (needs ``arch='convnext_small'`` and 50
     markers); use ``input_resize=224`` with it, as the official inference does.
+
+    ``he_mpp``: µm/px of the H&E the model is trained on, kept in the checkpoint's hyper-parameters
+    so prediction can resample (or refuse) a slide scanned at another resolution.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class RosieModule(L.LightningModule):
         stitch_chunk_size: int = 256,
         target_scales: Sequence[float] | None = None,
         input_center_crop: int | None = None,
+        he_mpp: float | None = None,
     ) -> None:
         super().__init__()
         marker_names = list(marker_names) if marker_names is not None else [f"marker_{i}" for i in range(num_markers)]

@@ -56,12 +56,7 @@ class QCSample:
 
 
 class CellAccumulator:
-    """Per-cell sums of the nearest-upsampled prediction, fed tile by tile.
-
-    For each tile the (cell id, block) pairs of its native pixels are counted once
-    (``np.unique``), so the work is one sort of the tile's cell pixels plus a gather of
-    ``M × pairs`` values, however many markers there are.
-    """
+    """Per-cell sums of the nearest-upsampled prediction, fed tile by tile (:func:`cell_contribution`)."""
 
     def __init__(self, mask: Any, stride: int, n_markers: int):
         if len(mask.shape) != 2:
@@ -88,34 +83,20 @@ class CellAccumulator:
 
     def add(self, tile: TileResult) -> None:
         """Add the tile's native pixels of every cell (its mask region is read here, lazily)."""
-        y0, y1, x0, x1 = tile.native
-        labels = np.asarray(self.mask[y0:y1, x0:x1])
-        if labels.size and labels.min() < 0:
-            raise ValueError("cell mask has negative ids; use 0 for background and positive instance ids")
-        flat = labels.reshape(-1)
-        sel = np.flatnonzero(flat)
-        if sel.size == 0:
+        self.add_contribution(cell_contribution(self.mask, self.stride, tile.native, tile.fg, tile.pred))
+
+    def add_contribution(self, part: dict[str, np.ndarray] | None) -> None:
+        """Add one tile's per-cell partial sums (:func:`cell_contribution`); tiles added in the same
+        order give the same float64 sums whichever process computed each part."""
+        if part is None:
             return
-        ids = flat[sel].astype(np.int64)
-        w = x1 - x0
-        ry, rx = np.divmod(sel, w)
-        th, tw = tile.fg.shape
-        nb = th * tw
-        blk = (ry // self.stride) * tw + (rx // self.stride)
-        key = ids * nb + blk
-        uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-        cell, block = uk // nb, uk % nb
-        starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
-        cells = cell[starts]
+        cells = part["cells"]
         self._grow(int(cells[-1]))
-        vals = tile.pred.reshape(self.M, -1)[:, block].astype(np.float64) * cnt
-        self.sums[:, cells] += np.add.reduceat(vals, starts, axis=1)
-        self.count[cells] += np.add.reduceat(cnt, starts)
-        self.fg_count[cells] += np.add.reduceat(tile.fg.reshape(-1)[block] * cnt, starts)
-        pair_y = np.bincount(inv.reshape(-1), weights=ry + y0, minlength=uk.size)
-        pair_x = np.bincount(inv.reshape(-1), weights=rx + x0, minlength=uk.size)
-        self.sum_y[cells] += np.add.reduceat(pair_y, starts)
-        self.sum_x[cells] += np.add.reduceat(pair_x, starts)
+        self.sums[:, cells] += part["sums"]
+        self.count[cells] += part["count"]
+        self.fg_count[cells] += part["fg_count"]
+        self.sum_y[cells] += part["sum_y"]
+        self.sum_x[cells] += part["sum_x"]
 
     def to_anndata(self, marker_names: Sequence[str], tissue_id: str, uns: dict | None = None) -> Any:
         """Cells x markers mean expression, with pixel counts, foreground fraction and centroids (x, y)."""
@@ -137,3 +118,37 @@ class CellAccumulator:
 def he_histogram_counts(he: np.ndarray) -> np.ndarray:
     """(3, 256) pixel counts of a (3, h, w) uint8 region."""
     return np.stack([np.bincount(he[c].reshape(-1), minlength=256) for c in range(3)]).astype(np.int64)
+
+
+def cell_contribution(mask: Any, stride: int, native: tuple[int, int, int, int], fg: np.ndarray,
+                      pred: np.ndarray) -> dict[str, np.ndarray] | None:
+    """One tile's per-cell partial sums: ``cells`` (sorted ids) with their marker sums ``(M, n)``,
+    pixel and foreground-pixel counts and coordinate sums; None when the tile holds no cell pixel.
+
+    For each tile the (cell id, block) pairs of its native pixels are counted once (``np.unique``),
+    so the work is one sort of the tile's cell pixels plus a gather of ``M × pairs`` values.
+    """
+    y0, y1, x0, x1 = native
+    labels = np.asarray(mask[y0:y1, x0:x1])
+    if labels.size and labels.min() < 0:
+        raise ValueError("cell mask has negative ids; use 0 for background and positive instance ids")
+    flat = labels.reshape(-1)
+    sel = np.flatnonzero(flat)
+    if sel.size == 0:
+        return None
+    ids = flat[sel].astype(np.int64)
+    w = x1 - x0
+    ry, rx = np.divmod(sel, w)
+    th, tw = fg.shape
+    nb = th * tw
+    blk = (ry // stride) * tw + (rx // stride)
+    key = ids * nb + blk
+    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    cell, block = uk // nb, uk % nb
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+    vals = pred.reshape(pred.shape[0], -1)[:, block].astype(np.float64) * cnt
+    pair_y = np.bincount(inv.reshape(-1), weights=ry + y0, minlength=uk.size)
+    pair_x = np.bincount(inv.reshape(-1), weights=rx + x0, minlength=uk.size)
+    return {"cells": cell[starts], "sums": np.add.reduceat(vals, starts, axis=1), "count": np.add.reduceat(cnt, starts),
+            "fg_count": np.add.reduceat(fg.reshape(-1)[block] * cnt, starts),
+            "sum_y": np.add.reduceat(pair_y, starts), "sum_x": np.add.reduceat(pair_x, starts)}

@@ -48,9 +48,13 @@ def output_shape(height: int, width: int, stride: int) -> tuple[int, int]:
     return -(-height // stride), -(-width // stride)
 
 
-def patch_origin(index: int, stride: int, patch_size: int = PATCH_SIZE) -> int:
-    """Top (or left) of the patch of block ``index``: the patch is centred on the block's centre."""
-    return index * stride + stride // 2 - patch_size // 2
+def patch_origin(index: int, stride: int, patch_size: int = PATCH_SIZE, centre: int | None = None) -> int:
+    """Top (or left) of the patch of block ``index``: the patch is centred on the block's centre.
+
+    ``centre`` is the offset of the patch centre from ``index·stride`` (default ``stride // 2``, the
+    block's centre); the authors' script centres its patches on ``index·stride`` itself (``centre=0``).
+    """
+    return index * stride + (stride // 2 if centre is None else centre) - patch_size // 2
 
 
 def he_thumbnail(image: Any, factor: int, read_px: int = 2048) -> np.ndarray:

@@ -11,8 +11,12 @@ from lightning_modules.rosie_inference.tiles import DEFAULT_TILE
 class PredictOptions:
     """How :func:`~lightning_modules.rosie_inference.dataset_prediction.predict_to_dataset` runs.
 
-    ``stride`` and ``blend`` also decide whether an earlier output still counts as complete
-    (:func:`~lightning_modules.rosie_inference.records.is_complete`).
+    ``stride``, ``blend`` and ``stitching`` also decide whether an earlier output still counts as
+    complete (:func:`~lightning_modules.rosie_inference.records.is_complete`). ``stitching``:
+    ``'grid'`` (this package: one prediction per block, white padding, optional blend) or
+    ``'official'`` (the authors' script, :mod:`~lightning_modules.rosie_inference.official_stitching`).
+    ``mode``: ``'exact'`` (every patch through the network) or ``'dense'`` (the dense approximation
+    of :mod:`~lightning_modules.rosie_inference.dense`).
     """
 
     stride: int = 8
@@ -25,3 +29,5 @@ class PredictOptions:
     overwrite: bool = False
     progress: bool = True
     qc_max_rows: int = 200_000
+    stitching: str = "grid"
+    mode: str = "exact"

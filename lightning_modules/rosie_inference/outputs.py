@@ -35,26 +35,31 @@ def fsspec_root(out: str | os.PathLike) -> tuple[Any, str]:
 
 
 def create_zarr_image(fs: Any, path: str, shape: tuple[int, int, int], mpp: float, channel_names: Sequence[str],
-                      name: str) -> Any:
+                      name: str, chunk: int = CHUNK, provenance: dict | None = None) -> Any:
     """An empty float32 OME-Zarr v3 image to be filled tile by tile.
 
-    Unsharded inner chunks ``(M, 256, 256)`` (blosc-lz4-bitshuffle like the store), so a tile of
-    256 output px writes whole chunks once; ``write_empty_chunks`` so background chunks exist and
-    the store's missing-chunk check holds.
+    Unsharded inner chunks ``(M, chunk, chunk)`` (blosc-lz4-bitshuffle like the store), so a tile of
+    ``chunk`` output px writes whole chunks once; ``write_empty_chunks`` so background chunks exist and
+    the store's missing-chunk check holds. ``provenance`` (checkpoint SHA-256, model µm/px, ...) is
+    kept in the group attributes under ``virtuplex``, beside the OME µm/px and channel names.
     """
     m, h, w = shape
     group = zarr.open_group(store=zarr_store(fs, path, read_only=False), mode="w", zarr_format=3)
     group.attrs.update(omero_attrs(name, channel_names, mpp))
+    if provenance:
+        group.attrs["virtuplex"] = dict(provenance)
     return group.create_array(
-        "0", shape=shape, dtype="float32", chunks=(m, min(CHUNK, h), min(CHUNK, w)),
+        "0", shape=shape, dtype="float32", chunks=(m, min(chunk, h), min(chunk, w)),
         compressors=BloscCodec(typesize=4, cname="lz4", clevel=3, shuffle="bitshuffle"),
         dimension_names=("c", "y", "x"), fill_value=0, config={"write_empty_chunks": True},
     )
 
 
-def open_zarr_image(fs: Any, path: str) -> Any:
-    """The ``(M, H, W)`` array of a written OME-Zarr image, read-only (for the blend and the OME-TIFF copy)."""
-    return zarr.open_group(store=zarr_store(fs, path, read_only=True), mode="r")["0"]
+def open_zarr_image(fs: Any, path: str, read_only: bool = True) -> Any:
+    """The ``(M, H, W)`` array of a written OME-Zarr image, read-only unless asked (ranks fill their regions)."""
+    array = zarr.open_group(store=zarr_store(fs, path, read_only=read_only), mode="r" if read_only else "r+")["0"]
+    # the creation-time setting is not stored: background chunks must still be written
+    return array if read_only else array.with_config({"write_empty_chunks": True})
 
 
 @contextlib.contextmanager
@@ -78,7 +83,8 @@ def local_output(fs: Any, target: str, suffix: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str], mpp: float, band: int = CHUNK) -> None:
+def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str], mpp: float, band: int = CHUNK,
+                   description: str | None = None) -> None:
     """Uncompressed float32 OME-TIFF (``CYX``, channel names, pixel size) copied band by band.
 
     Memory-mapped (``tifffile.memmap``), so it is written in the order the Zarr image is read and
@@ -87,6 +93,8 @@ def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str
     m, h, w = image.shape
     meta = {"axes": "CYX", "Channel": {"Name": [str(c) for c in channel_names]},
             "PhysicalSizeX": float(mpp), "PhysicalSizeXUnit": "µm", "PhysicalSizeY": float(mpp), "PhysicalSizeYUnit": "µm"}
+    if description:
+        meta["Description"] = description
     with local_output(fs, target, ".ome.tif") as tmp:
         mm = tifffile.memmap(tmp, shape=(m, h, w), dtype="float32", ome=True, metadata=meta, photometric="minisblack")
         for y in range(0, h, band):

@@ -7,6 +7,7 @@ never needs to know which network it is running.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,18 @@ from lightning_modules.components import rosie_backbone
 from lightning_modules.components.rosie_backbone import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.rosie import load_rosie_checkpoint
 from lightning_modules.rosie_inference.geometry import PATCH_SIZE
+
+#: The authors' released weights: 40× scans at 0.3775 µm/px (ROSIE paper, Methods, stride 1 output).
+OFFICIAL_MPP = 0.3775
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """SHA-256 of a checkpoint file, read in 4 MB blocks (every output names the model that made it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -125,7 +138,8 @@ class PatchPredictor:
             n_out = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
             if len(names) != n_out:
                 raise ValueError(f"{path}: official checkpoint predicts {n_out} markers but {len(names)} marker names given")
-            return cls(model, names, "unit", device, amp, meta={"checkpoint": str(path), "kind": "official"})
+            return cls(model, names, "unit", device, amp, meta={"checkpoint": str(path), "kind": "official",
+                                                               "sha256": file_sha256(path), "model_mpp": OFFICIAL_MPP})
         if not is_lightning:
             raise ValueError(f"{path}: not a Lightning checkpoint of RosieModule (no 'pytorch-lightning_version'); "
                              "pass --official for the authors' released weights")
@@ -136,7 +150,9 @@ class PatchPredictor:
         for key in ("marker_scales", "target_scales"):
             if rescale and hp.get(key) is not None:
                 scales = [float(v) for v in hp[key]]
-        meta = {"checkpoint": str(path), "kind": "lightning", "arch": hp.get("arch"),
+        model_mpp = hp.get("he_mpp")
+        meta = {"checkpoint": str(path), "kind": "lightning", "arch": hp.get("arch"), "sha256": file_sha256(path),
+                "model_mpp": float(model_mpp) if model_mpp else None,
                 "reference_he_histograms": ckpt.get("reference_he_histograms", hp.get("reference_he_histograms")),
                 "rescaled": scales is not None}
         return cls(module, names, "imagenet", device, amp, scales=scales, meta=meta)

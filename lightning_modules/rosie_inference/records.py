@@ -49,7 +49,7 @@ def read_record(out: str | os.PathLike, tissue_id: str) -> dict | None:
 
 
 def is_complete(out: str | os.PathLike, tissue_id: str, options: PredictOptions) -> bool:
-    """Whether ``tissue_id`` was predicted to the end into ``out`` with the same stride and blending.
+    """Whether ``tissue_id`` was predicted to the end into ``out`` with the same stride, blending, stitching and mode.
 
     A tissue is complete when its record exists (written after every other output) and the image
     it names exists; a crash before the record leaves the tissue incomplete, and a rerun redoes it.
@@ -59,6 +59,8 @@ def is_complete(out: str | os.PathLike, tissue_id: str, options: PredictOptions)
         return False
     entry = record.get("entry", {})
     if entry.get("stride") != check_stride(options.stride) or bool(entry.get("blend")) != bool(options.blend):
+        return False
+    if entry.get("stitching", "grid") != options.stitching or entry.get("mode", "exact") != options.mode:
         return False
     fs, root = fsspec_root(out)
     return fs.exists(f"{root}/{entry.get('image')}")

@@ -77,24 +77,26 @@ def tile_grid(hout: int, wout: int, tile: int) -> list[tuple[int, int, int, int]
 
 
 def read_tile(image: Any, fg: np.ndarray, tile: tuple[int, int, int, int], stride: int, patch_size: int,
-              want_he: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+              want_he: bool = False, fill: int = WHITE, centre: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The H&E pixels one output tile needs: ``(region, he)``.
 
     ``region`` is the white-padded ``(3, (th-1)·s + P, (tw-1)·s + P)`` window covering every patch of
     the tile (None when the tile has no foreground block: nothing to predict); ``he`` is the tile's
-    own native pixels without the halo (for the H&E histogram), when ``want_he``.
+    own native pixels without the halo (for the H&E histogram), when ``want_he``. ``fill`` and
+    ``centre`` change the padding value and the patch centre (:func:`patch_origin`) for the
+    authors' stitching; the defaults are this package's policy.
     """
     i0, i1, j0, j1 = tile
     P, s = patch_size, stride
     _, h, w = image.shape
     region = None
     if fg[i0:i1, j0:j1].any():
-        region = read_padded(image, patch_origin(i0, s, P), patch_origin(j0, s, P),
-                             (i1 - i0 - 1) * s + P, (j1 - j0 - 1) * s + P, fill=WHITE)
+        region = read_padded(image, patch_origin(i0, s, P, centre), patch_origin(j0, s, P, centre),
+                             (i1 - i0 - 1) * s + P, (j1 - j0 - 1) * s + P, fill=fill)
     he = None
     if want_he:
         y0, y1, x0, x1 = i0 * s, min(i1 * s, h), j0 * s, min(j1 * s, w)
-        if region is not None:  # the tile's own pixels sit inside the region, P//2 - s//2 from its corner
+        if region is not None and centre is None:  # the tile's own pixels sit inside the region, P//2 - s//2 from its corner
             oy, ox = P // 2 - s // 2, P // 2 - s // 2
             he = region[:, oy : oy + y1 - y0, ox : ox + x1 - x0]
         else:
