@@ -124,3 +124,25 @@ def test_svs_and_pyramidal_ome_tiff_predict_end_to_end(tmp_path):
         results.append(ri.open_zarr_image(*ri.fsspec_root(tmp_path / f"out{i}" / entry["image"]))[:])
     assert np.isfinite(results[0]).all() and results[0].std() > 0
     np.testing.assert_allclose(results[0], results[1], atol=1e-5)  # lossless files: the same prediction
+
+
+@pytest.mark.slow
+def test_100k_slide_predicts_at_stride_8_under_2gb(tmp_path):
+    from benchmarks.slide_100k import measure
+
+    r = measure(size=100_000, islands=4, radius=300, workdir=tmp_path)
+    print(r)
+    assert r["output_shape"] == [50, 12_500, 12_500] and len(r["levels"]) >= 5
+    assert r["n_patches"] > 10_000
+    assert r["peak_rss_mb"] < 2048, r
+
+
+def test_synthetic_slide_regions_are_reproducible():
+    from benchmarks.slide_100k import SyntheticSlide
+
+    s = SyntheticSlide(size=4000, islands=2, radius=300)
+    cy, cx = (int(v) for v in s.centres[0])
+    a = s.read(cy - 50, cx - 50, 100, 100)
+    np.testing.assert_array_equal(a, s.read(cy - 50, cx - 50, 100, 100))
+    assert (a != 242).any() and (s.read(0, 0, 8, 8) == 242).all() if not (s.centres < 400).all() else True
+    assert s.level_shapes[3] == (63, 63)
