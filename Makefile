@@ -13,7 +13,7 @@ VIRTUES_CONFIG ?= experiments/configs/virtues/synthetic.yaml
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-slow exp-rosie exp-virtues exp-matrix bench data-synthetic clean
+.PHONY: install test test-slow exp-rosie exp-virtues exp-virtues-downstream exp-matrix bench data-synthetic clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ exp-rosie: install data-synthetic
 
 exp-virtues: install data-synthetic
 	$(PY) -m experiments.virtues_experiment --config $(VIRTUES_CONFIG) --data $(SYNTH_DIR)
+
+# VirTues downstream science (Figs. 3e-g, 4, 5, Suppl. Fig. 20) on the synthetic cohort preset
+COHORT_DIR ?= data/cohort
+exp-virtues-downstream: install
+	$(PY) -m experiments.virtues_downstream --cohort $(COHORT_DIR)
 
 # Every table/figure of one paper as a resumable cell: make exp-matrix PAPER=rosie [MATRIX_ARGS="--list"]
 PAPER ?= rosie

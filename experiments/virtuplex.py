@@ -43,6 +43,8 @@ COMMANDS: dict[str, dict[str, Command]] = {
     },
     "virtues": {
         "pretrain": Command("experiments.virtues_pretrain", "pretrain VirTues (LightningCLI; fit is the default)", (), True),
+        "pretrain-camae": Command("experiments.camae_pretrain", "pretrain the CA-MAE baseline with the VirTues CLI and data", (), True),
+        "zero-shot": Command("experiments.virtues_zero_shot", "leave-one-dataset-out pretraining + reconstruction, seen vs unseen"),
         "reconstruct": Command("experiments.virtues_reconstruct", "masked-reconstruction evaluation (Fig. 2)"),
         "tokens": Command("experiments.virtues_tokens", "cell, niche and tissue tokens of a dataset"),
         "probe": Command("experiments.virtues_cell_probe", "cell-type linear probe on cell tokens (Fig. 3a-b)"),
@@ -69,6 +71,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "rosie-inference": Command("benchmarks.rosie_inference", "ROSIE patches/s: model only and full prediction"),
         "rosie-memory": Command("benchmarks.rosie_predict_memory", "peak memory of predicting a 20k x 20k slide"),
         "virtues-attention": Command("benchmarks.virtues_attention", "factorised vs full attention, packed backends"),
+        "virtues-vs-camae": Command("benchmarks.virtues_vs_camae", "Fig. 1e cost: VirTues vs CA-MAE at 10/20/40 markers"),
         "cell-segmentation": Command("benchmarks.cell_segmentation", "nucleus/cell object F1 and speed on the synthetic data"),
     },
     "matrix": {

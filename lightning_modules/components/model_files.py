@@ -219,11 +219,13 @@ def load_tensor_file(path: str | os.PathLike, expected_dim: int | None = None, w
 
 
 def checkpoint_kind(obj: Any) -> str | None:
-    """``'rosie'``, ``'virtues'``, ``'rosie-official'``, ``'virtues-official'`` or None (unknown)."""
+    """``'rosie'``, ``'virtues'``, ``'camae'``, ``'rosie-official'``, ``'virtues-official'`` or None (unknown)."""
     if not isinstance(obj, Mapping):
         return None
     hp = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), Mapping) else {}
     if "pytorch-lightning_version" in obj or hp:
+        if isinstance(hp.get("arch"), Mapping) and "fourier_weight" in hp:  # the CA-MAE baseline (VirTues' CLI)
+            return "camae"
         if "virtues_marker_uniprot_ids" in obj or "encoder_pattern" in hp or isinstance(hp.get("arch"), Mapping) \
                 or "marker_uniprot_ids" in hp:
             return "virtues"
@@ -243,7 +245,7 @@ def _kind_from_keys(keys: list[str], official: bool) -> str | None:
     return None
 
 
-KIND_NAMES = {"rosie": "a ROSIE checkpoint", "virtues": "a VirTues checkpoint",
+KIND_NAMES = {"rosie": "a ROSIE checkpoint", "virtues": "a VirTues checkpoint", "camae": "a CA-MAE baseline checkpoint",
               "rosie-official": "the ROSIE authors' weights", "virtues-official": "the VirTues authors' weights"}
 
 
