@@ -8,8 +8,11 @@ FlashAttention-2's varlen API) says where each sequence starts.
 
 Backends (``backend=``):
 
+- ``"varlen"``: PyTorch's native ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention kernels
+  shipped inside torch; CUDA, fp16/bf16, no attention dropout): packed attention on a GPU without a
+  flash-attn build.
 - ``"flash"``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16 only) -- what the official
-  code uses.
+  code uses; an optional extra.
 - ``"sdpa_padded"``: scatter the packed tokens into a zero-padded ``(S, L_max, ...)`` batch, run
   :func:`torch.nn.functional.scaled_dot_product_attention` with a key-padding mask, gather back.
 - ``"sdpa_bucketed"``: the same, but sequences are first grouped by length (power-of-two buckets)
@@ -18,8 +21,8 @@ Backends (``backend=``):
 - ``"nested"``: jagged nested tensors + SDPA (no padding materialised by us).
 - ``"flex"``: FlexAttention with a document mask (eager mode; meant for comparison only).
 - ``"loop"``: one SDPA call per sequence; slow reference used by tests.
-- ``"auto"``: flash when importable and the tensors are CUDA fp16/bf16; otherwise the backend that
-  was fastest in ``benchmarks/virtues_attention.py`` (see :data:`DEFAULT_TORCH_BACKEND`).
+- ``"auto"``: on CUDA fp16/bf16 tensors, ``varlen`` (when this torch has it and no attention
+  dropout is asked for), else ``flash`` when importable; otherwise the backend that was fastest in ``benchmarks/virtues_attention.py`` (see :data:`DEFAULT_TORCH_BACKEND`).
 
 All index tensors a backend needs are computed once per :class:`PackedSegments` object and cached
 on it, so a forward pass that builds one ``PackedSegments`` per layout pays for them once, not once
@@ -40,7 +43,12 @@ try:  # optional dependency: only present on CUDA installs (`pip install virtupl
 except Exception:  # ImportError, or a broken CUDA build: fall back to the PyTorch paths
     _flash_attn_varlen_func = None
 
-BACKENDS = ("auto", "flash", "sdpa_padded", "sdpa_bucketed", "nested", "flex", "loop")
+try:  # torch >= 2.9 ships FlashAttention's varlen kernels (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:
+    _torch_varlen_attn = None
+
+BACKENDS = ("auto", "varlen", "flash", "sdpa_padded", "sdpa_bucketed", "nested", "flex", "loop")
 
 #: PyTorch backend used by ``"auto"`` when flash-attn cannot run. Chosen from measurements with
 #: ``python -m benchmarks.virtues_attention`` (CPU, 40 markers: encoder fwd+bwd 0.65x the time of
@@ -53,6 +61,11 @@ DEFAULT_TORCH_BACKEND = "sdpa_bucketed"
 def flash_available() -> bool:
     """True when the flash-attn package imported successfully."""
     return _flash_attn_varlen_func is not None
+
+
+def torch_varlen_available() -> bool:
+    """True when this torch has ``torch.nn.attention.varlen`` and a CUDA device to run it on."""
+    return _torch_varlen_attn is not None and torch.cuda.is_available()
 
 
 class PackedSegments:
@@ -241,7 +254,20 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, seg: PackedSegments, dropout_p: floa
     )
 
 
+def _torch_varlen(q: Tensor, k: Tensor, v: Tensor, seg: PackedSegments, dropout_p: float, scale: float | None) -> Tensor:
+    if _torch_varlen_attn is None:
+        raise ImportError("backend='varlen' needs torch.nn.attention.varlen (torch >= 2.9)")
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"backend='varlen' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; "
+                         "use autocast or backend='auto'")
+    if dropout_p:
+        raise NotImplementedError("backend='varlen': torch's varlen_attn has no attention dropout; use 'auto'")
+    cu = seg.cu_seqlens.to(q.device)
+    return _torch_varlen_attn(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, scale=scale)
+
+
 _IMPLS = {
+    "varlen": _torch_varlen,
     "flash": _flash,
     "sdpa_padded": _padded,
     "sdpa_bucketed": _bucketed,
@@ -251,14 +277,17 @@ _IMPLS = {
 }
 
 
-def resolve_backend(backend: str, q: Tensor) -> str:
+def resolve_backend(backend: str, q: Tensor, dropout_p: float = 0.0) -> str:
     """Turn ``"auto"`` into a concrete backend for these tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if flash_available() and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        return "flash"
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if _torch_varlen_attn is not None and not dropout_p:
+            return "varlen"
+        if flash_available():
+            return "flash"
     return DEFAULT_TORCH_BACKEND
 
 
@@ -293,7 +322,7 @@ def varlen_attention(
         raise ValueError(f"{q.shape[0]} packed tokens but cu_seqlens covers {segments.total}")
     if segments.total == 0:
         return q.new_zeros(q.shape)
-    resolved = resolve_backend(backend, q)
+    resolved = resolve_backend(backend, q, dropout_p)
     if resolved in ("sdpa_bucketed", "sdpa_padded") and segments.total == segments.num_segments * segments.max_seqlen:
         return _uniform(q, k, v, segments, dropout_p, scale)  # equal lengths: no padding needed
     return _IMPLS[resolved](q, k, v, segments, dropout_p, scale)
