@@ -24,6 +24,10 @@ Numerical choices (the paper gives ε but not its scale or solver):
 * **Cap**: at most ``max_cells`` cells (default 1,000) per patient and time point, drawn without
   replacement from a generator seeded by (seed, patient, time point) — Sinkhorn is O(n²) per
   iteration. The Sinkhorn marginal error is reported per patient so a non-converged pair is visible.
+* **Iterations**: 1,000 by default. At ε = 1e-3 the marginal error falls slowly (~5e-5 after 1,000,
+  ~1e-5 after 3,000 for 200 vs 200 cells in 32-D) while W2 itself is settled: 6.64495 after 1,000,
+  6.64501 after 3,000, exact 6.64355 (measured with POT 0.9.7). ε-scaling with warm starts did
+  not converge faster.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from scipy.stats import mannwhitneyu
 TIMEPOINTS = ("pre", "on", "post")
 EPSILON = 1e-3
 MAX_CELLS = 1000
-SINKHORN_ITERATIONS = 2000
+SINKHORN_ITERATIONS = 1000
 SINKHORN_STOP = 1e-7
 EMBEDDING_FRACTION = 0.1
 SUPPORT_SIZE = 500

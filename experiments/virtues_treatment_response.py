@@ -3,7 +3,7 @@
     python -m experiments.virtues_tokens --ckpt C --data DIR --split all --out TOKENS
     python -m experiments.virtues_treatment_response --tokens TOKENS --data DIR --out OUT
         [--patient-column patient_id] [--time-column timepoint] [--response-column response]
-        [--timepoints pre,on,post] [--epsilon 1e-3] [--max-cells 1000] [--sinkhorn-iterations 2000]
+        [--timepoints pre,on,post] [--epsilon 1e-3] [--max-cells 1000] [--sinkhorn-iterations 1000]
         [--embedding umap|pca] [--embedding-fraction 0.1] [--support 500] [--device cpu] [--seed 0] [--overwrite]
 
 Method and numerical choices in :mod:`analysis.virtues_treatment_response`. Both representations
