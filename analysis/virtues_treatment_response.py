@@ -206,6 +206,24 @@ def cohort_trajectories(points: np.ndarray, patient: Sequence, timepoint: Sequen
     return CohortTrajectories(med, pd.DataFrame(rows, columns=["cohort", "t1", "t2", "dx", "dy", "norm"]), barycentres)
 
 
+def cohort_contrast(cohorts: pd.DataFrame, displacements: pd.DataFrame) -> dict:
+    """Per transition: does the responders' shift exceed the non-responders' (mean W2), and how their
+    barycentre displacements compare (angle in degrees, norm ratio responders / non-responders)."""
+    out = {}
+    for _, row in cohorts.iterrows():
+        key = f"{row['t1']}->{row['t2']}"
+        d = displacements[(displacements["t1"] == row["t1"]) & (displacements["t2"] == row["t2"])].set_index("cohort")
+        entry = {"responders_shift_more": bool(row["mean_w2_responders"] > row["mean_w2_non_responders"]),
+                 "mannwhitney_p": row["mannwhitney_p"]}
+        if {"responders", "non_responders"} <= set(d.index):
+            r, n = d.loc["responders", ["dx", "dy"]].to_numpy(float), d.loc["non_responders", ["dx", "dy"]].to_numpy(float)
+            cos = float(r @ n / (np.linalg.norm(r) * np.linalg.norm(n))) if np.linalg.norm(r) * np.linalg.norm(n) else np.nan
+            entry.update({"displacement_angle_deg": float(np.degrees(np.arccos(np.clip(cos, -1, 1)))),
+                          "displacement_norm_ratio": float(np.linalg.norm(r) / np.linalg.norm(n)) if np.linalg.norm(n) else np.inf})
+        out[key] = entry
+    return out
+
+
 def embedding_subsample(n: int, fraction: float = EMBEDDING_FRACTION, seed: int = 0) -> np.ndarray:
     """Sorted indices of the seeded 1/10 (``fraction``) subsample of all cells the 2-D embedding uses."""
     if not 0 < fraction <= 1:

@@ -114,11 +114,11 @@ def cross_panel_transfer(source_tokens: str | Path, target_tokens: str | Path, o
         log.warning("source tokens come from %d markers, target from %d: compute both with --channels-from", len(s_ch), len(t_ch))
 
     results: dict[str, TransferResult] = {}
-    for rep in ("virtues_cell_tokens", "mean_abundance"):
-        if rep == "mean_abundance" and ("mean_expression" not in src.obsm or "mean_expression" not in tgt.obsm):
+    for rep in ("virtues_cell_tokens", "mean_expression"):
+        if rep == "mean_expression" and ("mean_expression" not in src.obsm or "mean_expression" not in tgt.obsm):
             continue
         xs, xt = _features(src, rep), _features(tgt, rep)
-        if rep == "mean_abundance":
+        if rep == "mean_expression":
             i_s, i_t, names = shared_columns(s_ch, t_ch)
             if not names:
                 log.warning("the two panels share no channel name: no mean-abundance baseline")

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the dataset (tissue table: outcome and structure columns)")
     p.add_argument("--out", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--risk-groups", help="output folder of experiments.virtues_risk (its groups.csv)")
+    src.add_argument("--risk-groups", "--risk", dest="risk_groups", help="output folder of experiments.virtues_risk (its groups.csv)")
     src.add_argument("--tokens", help="output folder of experiments.virtues_tokens (stratify here)")
     p.add_argument("--structures", default="has_", help="column prefix, or comma-separated boolean columns")
     p.add_argument("--time-column", default="survival_time")

@@ -10,9 +10,9 @@ Method and numerical choices in :mod:`analysis.virtues_treatment_response`. Both
 the paper shows are analysed: the VirTues cell tokens and the cells' mean marker abundances
 (``obsm['mean_expression']``, Fig. 5b right). Writes to ``OUT`` (atomically):
 
-* ``patient_w2.csv`` — representation, patient, response, t1, t2, cells, entropic W2, Sinkhorn error;
+* ``w2_per_patient.csv`` — representation, patient, response, t1, t2, cells, entropic W2, Sinkhorn error;
 * ``cohort_w2.csv`` — per representation and transition: mean/median W2 per cohort, Mann–Whitney p;
-* ``barycentre_medians.csv`` / ``displacements.csv`` — the cohort trajectories in the 2-D embedding;
+* ``barycentre_medians.csv`` / ``displacement.csv`` — the cohort trajectories in the 2-D embedding;
 * ``embedding.csv`` — the embedded 1/10 subsample (representation, cell, patient, time point, x, y);
 * ``treatment_response.png`` and ``summary.json``.
 """
@@ -40,6 +40,7 @@ from analysis.virtues_treatment_response import (
     SUPPORT_SIZE,
     TIMEPOINTS,
     CohortTrajectories,
+    cohort_contrast,
     cohort_trajectories,
     compare_cohorts,
     embed_2d,
@@ -54,15 +55,15 @@ from experiments.commands import load_cell_tokens, refuse_existing_output, run_c
 log = logging.getLogger("experiments.virtues_treatment_response")
 
 COMMAND = "virtues_treatment_response"
-REPRESENTATIONS = ("virtues_cell_tokens", "mean_abundance")
+REPRESENTATIONS = ("virtues_cell_tokens", "mean_expression")
 
 
 @dataclass
 class TreatmentResponseResult:
-    distances: pd.DataFrame  # patient_w2.csv
+    distances: pd.DataFrame  # w2_per_patient.csv
     cohorts: pd.DataFrame  # cohort_w2.csv
     medians: pd.DataFrame  # barycentre_medians.csv
-    displacements: pd.DataFrame  # displacements.csv
+    displacements: pd.DataFrame  # displacement.csv
     trajectories: dict[str, CohortTrajectories] = field(default_factory=dict)
     out: Path | None = None
 
@@ -113,7 +114,7 @@ def treatment_response(tokens_dir: str | Path, data: str | Path, out: str | Path
     cells, design = cells_with_design(tokens_dir, data, patient_column, time_column, response_column, order)
     features = {"virtues_cell_tokens": np.asarray(cells.X, np.float32)}
     if "mean_expression" in cells.obsm:
-        features["mean_abundance"] = np.asarray(cells.obsm["mean_expression"], np.float32)
+        features["mean_expression"] = np.asarray(cells.obsm["mean_expression"], np.float32)
     sub = embedding_subsample(len(design), embedding_fraction, seed)
     distances, cohorts, embedded, trajectories = {}, [], {}, {}
     n_pairs = sum(1 for _, g in design.groupby("patient") for t1, t2 in transitions(order)
@@ -139,13 +140,19 @@ def treatment_response(tokens_dir: str | Path, data: str | Path, out: str | Path
     result = TreatmentResponseResult(dist, coh, med, disp, trajectories, None if out is None else Path(out))
     if out is not None:
         with atomic_output_dir(out, overwrite=overwrite, command=COMMAND) as tmp:
-            dist.to_csv(tmp / "patient_w2.csv", index=False)
+            dist.to_csv(tmp / "w2_per_patient.csv", index=False)
             coh.to_csv(tmp / "cohort_w2.csv", index=False)
             med.to_csv(tmp / "barycentre_medians.csv", index=False)
-            disp.to_csv(tmp / "displacements.csv", index=False)
+            disp.to_csv(tmp / "displacement.csv", index=False)
             pd.concat([e.assign(representation=r) for r, e in embedded.items()]).to_csv(tmp / "embedding.csv", index=False)
             plot_treatment_response({r: (embedded[r], trajectories[r]) for r in features}, distances,
                                     str(tmp / "treatment_response.png"))
+            contrast = {r: cohort_contrast(coh[coh["representation"] == r], disp[disp["representation"] == r])
+                        for r in features}
+            tok = contrast["virtues_cell_tokens"]
+            detail = "; ".join(f"{k}: W2 responders {'>' if v['responders_shift_more'] else '<='} non-responders "
+                               f"(p {v['mannwhitney_p']:.3g}), displacement angle {v.get('displacement_angle_deg', float('nan')):.0f}°, "
+                               f"norm ratio {v.get('displacement_norm_ratio', float('nan')):.2f}" for k, v in tok.items())
             (tmp / "summary.json").write_text(json.dumps({
                 "tokens": str(tokens_dir), "data": str(data), "timepoints": list(order), "epsilon": epsilon,
                 "epsilon_relative_to": "the largest squared distance of each pair (cost / max(cost))",
@@ -153,6 +160,8 @@ def treatment_response(tokens_dir: str | Path, data: str | Path, out: str | Path
                 "sinkhorn_iterations": sinkhorn_iterations, "embedding": embedding,
                 "embedding_fraction": embedding_fraction, "barycentre_support": support, "seed": seed,
                 "n_cells": len(design), "n_patients": int(design["patient"].nunique()),
+                "responders_shift_more": all(v["responders_shift_more"] for v in tok.values()),
+                "direction_detail": detail, "contrast": contrast,
                 "cohort_w2": coh.to_dict("records"), "displacements": disp.to_dict("records")},
                 indent=1, default=json_default))
     return result

@@ -188,7 +188,7 @@ def test_command_writes_tables_figure_and_maps_target_labels(tmp_path, capsys):
     assert main(["--source-tokens", str(src), "--target-tokens", str(tgt), "--out", str(out), "--target-label",
                  "phenotype", "--label-map", str(tmp_path / "map.csv")]) == 0
     per_class = pd.read_csv(out / "per_class_f1.csv")
-    assert set(per_class["representation"]) == {"virtues_cell_tokens", "mean_abundance"}
+    assert set(per_class["representation"]) == {"virtues_cell_tokens", "mean_expression"}
     tok = per_class[per_class["representation"] == "virtues_cell_tokens"]
     assert (tok["f1"] > tok["chance"]).all() and tok["n_target"].sum() == 600 - 20
     summary = json.loads((out / "summary.json").read_text())
@@ -196,8 +196,8 @@ def test_command_writes_tables_figure_and_maps_target_labels(tmp_path, capsys):
     # markers matched by name: the shuffled target columns give the same baseline as aligned ones
     aligned = write_token_folder(tmp_path / "tgt2", xt, mt, yt_fine, ["CD3", "CD20", "SMA", "panCK"], label="phenotype")
     direct = cross_panel_transfer(src, aligned, target_label="phenotype", label_map=dict(zip(fine.values(), fine)))
-    base = per_class[per_class["representation"] == "mean_abundance"]["f1"].to_numpy()
-    np.testing.assert_allclose(base, direct.per_class.query("representation == 'mean_abundance'")["f1"].to_numpy())
+    base = per_class[per_class["representation"] == "mean_expression"]["f1"].to_numpy()
+    np.testing.assert_allclose(base, direct.per_class.query("representation == 'mean_expression'")["f1"].to_numpy())
     capsys.readouterr()
     assert main(["--source-tokens", str(src), "--target-tokens", str(tgt), "--out", str(tmp_path / "o2"),
                  "--target-label", "phenotype"]) == 2

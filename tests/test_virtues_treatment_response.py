@@ -97,7 +97,7 @@ def test_caps_and_subsamples_are_seeded():
     np.testing.assert_array_equal(capped["w2"], again["w2"])
 
 
-def test_command_writes_tables_figure_for_tokens_and_mean_abundance(tmp_path, capsys):
+def test_command_writes_tables_figure_for_tokens_and_mean_expression(tmp_path, capsys):
     from experiments.virtues_treatment_response import main, treatment_response
 
     rng = np.random.default_rng(2)
@@ -125,21 +125,22 @@ def test_command_writes_tables_figure_for_tokens_and_mean_abundance(tmp_path, ca
     args = ["--tokens", str(tmp_path / "tokens"), "--data", str(tmp_path / "data"), "--out", str(out),
             "--embedding", "pca", "--support", "40", "--sinkhorn-iterations", "300", "--no-progress"]
     assert main(args) == 0
-    dist = pd.read_csv(out / "patient_w2.csv")
-    assert set(dist["representation"]) == {"virtues_cell_tokens", "mean_abundance"}
+    dist = pd.read_csv(out / "w2_per_patient.csv")
+    assert set(dist["representation"]) == {"virtues_cell_tokens", "mean_expression"}
     assert len(dist) == 2 * (6 * 2 - 1)
     cohorts = pd.read_csv(out / "cohort_w2.csv").set_index(["representation", "t1"])
     tok = cohorts.loc[("virtues_cell_tokens", "pre")]
     assert tok["mean_w2_responders"] > 2 * tok["mean_w2_non_responders"]
-    base = cohorts.loc[("mean_abundance", "pre")]
+    base = cohorts.loc[("mean_expression", "pre")]
     assert base["mean_w2_responders"] < tok["mean_w2_responders"]
-    disp = pd.read_csv(out / "displacements.csv")
+    disp = pd.read_csv(out / "displacement.csv")
     norms = disp[disp["representation"] == "virtues_cell_tokens"].groupby("cohort")["norm"].mean()
     assert norms["responders"] > 3 * norms["non_responders"]
     emb = pd.read_csv(out / "embedding.csv")
     assert len(emb) == 2 * round(0.1 * (6 * 3 - 1) * 30)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epsilon"] == 1e-3 and summary["n_patients"] == 6
+    assert summary["epsilon"] == 1e-3 and summary["n_patients"] == 6 and summary["responders_shift_more"]
+    assert summary["contrast"]["virtues_cell_tokens"]["pre->on"]["displacement_norm_ratio"] > 3
     assert (out / "treatment_response.png").stat().st_size > 0
     # the library call gives the same distances
     direct = treatment_response(tmp_path / "tokens", tmp_path / "data", embedding="pca", support=40,
