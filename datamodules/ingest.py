@@ -164,6 +164,7 @@ def ingest(
         pieces = dict(modality=modality, tissue_id=tissue_id, arr=arr, mpp=mpp, panel_df=panel_df, measured=measured,
                       tmask=tmask, cmask=cmask, cells_df=cells_df, tissue_row=tissue_row, embed_tensors=embed_tensors,
                       new_channels=new_channels, overwrite=overwrite, store=store, present_at=present_at)
+        del tmask, cmask  # _write drops the masks once stored: a slide's mask is GBs the statistics must not double
         created = _write(root, store is None, pieces)
         if getattr(arr, "min_seen", 0) < 0 and modality != HE:
             warnings.append(f"{src.source}: negative pixel values (min {arr.min_seen}); they are clipped to 0 by the preprocessing")
@@ -404,11 +405,13 @@ def _write(root: Path, new_dataset: bool, pieces: dict[str, Any]) -> bool:
         if new_dataset:
             with DatasetWriter.create(root, kind=MEASURED, written_by="ingest") as writer:
                 _write_all(writer, **pieces)
+                pieces.update(tmask=None, cmask=None)  # stored; the statistics read them back
                 if modality != HE:
                     _recompute_stats(writer.root, modality, mpp, tissue_id, pieces["arr"])
         else:
             writer = DatasetWriter.open(root, create=False, kind=MEASURED, written_by="ingest")
             _write_all(writer, **pieces)
+            pieces.update(tmask=None, cmask=None)
             if modality != HE:
                 _recompute_stats(str(root), modality, mpp, tissue_id, pieces["arr"])
     except StoreError as exc:
