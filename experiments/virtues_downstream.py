@@ -88,7 +88,7 @@ def analysis_steps(out: Path, ckpt: str, cohort: Path, seed: int) -> list[Step]:
               "--response-protective", "--seed", s)),
         Step("treatment", "experiments.virtues_treatment_response",
              ("--tokens", str(tok["discovery"]), "--data", str(d["discovery"]), "--out", str(out / "treatment"),
-              "--seed", s)),
+              "--seed", s, "--no-progress")),
         Step("risk", "experiments.virtues_risk",
              ("--tokens", str(tok["validation"]), "--data", str(d["validation"]), "--out", str(out / "risk"),
               "--clusters", "20")),
