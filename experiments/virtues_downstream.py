@@ -55,7 +55,7 @@ class Step:
     name: str
     module: str
     args: tuple[str, ...]
-    owns_folder: bool = True  # the command creates its --out folder itself (atomic outputs)
+    owns_folder: bool = True  # the command creates its --out folder itself (atomic outputs); else it is made empty
 
 
 def cohort_paths(cohort: Path) -> dict[str, Path]:
@@ -112,6 +112,8 @@ def run_step(step: Step, out: Path) -> float:
         return 0.0
     if folder.exists():
         shutil.rmtree(folder)  # a partial folder of a killed run
+    if not step.owns_folder:
+        folder.mkdir(parents=True)
     t0 = time.perf_counter()
     print(f"[{step.name}] python -m {step.module} {' '.join(step.args)}", flush=True)
     code = importlib.import_module(step.module).main(list(step.args))
