@@ -1,18 +1,20 @@
-"""Distributed, resumable whole-tissue prediction: `rosie_predict --devices 2` under Lightning predict.
+"""One slide over two ranks: `rosie_predict --accelerator cpu --devices 2` under Lightning predict.
 
-Two CPU ranks (gloo) share out the tissues of a split; each tissue must be written exactly once,
-by one rank, with the same pixels as a single-process run, and rank 0 must fold every tissue into
-the dataset-level QC tables. A rerun skips complete tissues and redoes one whose completion record
-is missing (an interrupted run), even when fewer tissues than ranks remain.
+Two CPU ranks (gloo) share out the chunk-aligned regions of ONE slide; each region (and so each
+output chunk) must be recorded exactly once, by one rank, both ranks must work, and the image,
+QC and cell table must equal a single-process run. A run killed with SIGKILL mid-way resumes
+from its region records: finished regions are not predicted again. A rerun skips complete tissues.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,72 +33,103 @@ def small_ckpt(tmp_path_factory) -> Path:
     return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "atto32.ckpt", MARKERS)
 
 
-def _predict(ckpt: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.rosie_predict", "--ckpt", str(ckpt), "--he", str(data),
-           "--split", "train", "--out", str(out), "--no-progress", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> tuple[Path, Path]:
+    """A 256² H&E slide as a PNG and an instance mask of square cells beside it."""
+    from test_rosie_predict import he_like, save_png
+
+    folder = tmp_path_factory.mktemp("slide")
+    png = save_png(folder / "slide.png", he_like(256, 256, blobs=12, seed=4))
+    cells = np.zeros((256, 256), np.uint32)
+    for n, (y, x) in enumerate((y, x) for y in range(0, 256, 24) for x in range(0, 256, 24)):
+        cells[y + 2 : y + 18, x + 3 : x + 20] = n + 1
+    np.save(folder / "cells.npy", cells)
+    return png, folder / "cells.npy"
+
+
+def _cmd(ckpt: Path, png: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.rosie_predict", "--ckpt", str(ckpt), "--he", str(png), "--out", str(out),
+            "--no-progress", "--foreground", "all", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"rosie_predict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
-def _writes(proc: subprocess.CompletedProcess) -> list[tuple[int, str]]:
-    return [(int(r), t) for r, t in re.findall(r"rank (\d+) wrote tissue (\S+)", proc.stdout)]
+def _records(out: Path) -> dict[int, dict]:
+    folder = out / ".rosie-work" / "slide" / "tiles"
+    found = {}
+    for p in sorted(folder.glob("*.npz")) if folder.exists() else []:
+        with np.load(io.BytesIO(p.read_bytes())) as data:
+            found[int(p.stem)] = {"rank": int(data["rank"]), "chunks": [tuple(c) for c in data["chunks"].tolist()],
+                                  "written_at": float(data["written_at"])}
+    return found
 
 
-def test_two_ranks_write_each_tissue_once_and_match_single_process(small_ckpt, synthetic_dataset, tmp_path):
+def test_two_ranks_share_one_slide_and_match_one_process(small_ckpt, slide, tmp_path):
+    """Stride 4, 64×64 output, 8-px regions: 64 regions over two ranks, each chunk once, same result."""
+    import anndata as ad
+
     from datamodules.store import DatasetStore
-    from experiments.rosie_predict import main
 
-    ids = DatasetStore(synthetic_dataset).tissue_ids("train")
-    assert len(ids) >= 2
+    png, cells = slide
+    extra = ("--stride", "4", "--tile-size", "8", "--cell-mask", str(cells), "--ome-tiff")
     out = tmp_path / "ddp"
-    proc = _predict(small_ckpt, synthetic_dataset, out, "--accelerator", "cpu", "--devices", "2")
-    writes = _writes(proc)
-    assert sorted(t for _, t in writes) == sorted(ids), f"each tissue once: {writes}"
-    assert {r for r, _ in writes} == {0, 1}, f"both ranks must work: {writes}"
+    _run(_cmd(small_ckpt, png, out, "--accelerator", "cpu", "--devices", "2") + list(extra))
+    single = tmp_path / "single"
+    proc = _run(_cmd(small_ckpt, png, single, "--device", "cpu") + list(extra))
+    assert "patches/s" in proc.stdout
+
+    qc = json.loads((out / "qc.json").read_text())["tissues"]["slide"]
+    assert qc["regions"] == 64 and qc["n_patches"] == 64 * 64
+    regions = pd.read_csv(out / qc["region_log"])
+    chunks = [c for cs in regions["chunks"] for c in cs.split()]
+    assert len(chunks) == len(set(chunks)) == 64, "every output chunk written by exactly one region"
+    assert qc["region_ranks"] == {"0": 32, "1": 32} and sorted(regions["rank"].unique()) == [0, 1]
+    a, b = DatasetStore(out), DatasetStore(single)
+    np.testing.assert_array_equal(a.image("codex", "slide", 2.0).read_all(), b.image("codex", "slide", 2.0).read_all())
+    one = json.loads((single / "qc.json").read_text())["tissues"]["slide"]
+    assert qc["dynamic_range"] == one["dynamic_range"] and qc["he_histogram"] == one["he_histogram"]
+    np.testing.assert_array_equal(ad.read_h5ad(out / "slide.cells.h5ad").X, ad.read_h5ad(single / "slide.cells.h5ad").X)
+    assert not (out / ".rosie-work").exists()
+    assert [p for p in a.validate() if p.severity == "error"] == []
+
+
+def test_sigkill_mid_run_resumes_without_recomputing_finished_regions(small_ckpt, slide, tmp_path):
+    png, _ = slide
+    out = tmp_path / "killed"
+    cmd = _cmd(small_ckpt, png, out, "--accelerator", "cpu", "--devices", "2", "--stride", "2", "--tile-size", "16")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while len(_records(out)) < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks, no clean-up of any kind
+    proc.wait()
+    before = _records(out)
+    assert 6 <= len(before) < 64, f"the kill must land mid-run ({len(before)} of 64 regions recorded)"
+    assert not (out / "qc" / "tissues" / "slide.json").exists()
+
+    log = _run(cmd)
+    assert "already complete" not in log.stdout
+    qc = json.loads((out / "qc.json").read_text())["tissues"]["slide"]
+    assert qc["regions"] == 64 and qc["n_patches"] == 128 * 128
+    kept = dict(pd.read_csv(out / qc["region_log"])[["region", "written_at"]].itertuples(index=False))
+    for k, rec in before.items():  # finished regions were not predicted (nor written) again
+        assert kept[k] == pytest.approx(rec["written_at"], abs=1e-6), f"region {k} was recomputed"
+    assert sum(v > max(r["written_at"] for r in before.values()) for v in kept.values()) == 64 - len(before)
 
     single = tmp_path / "single"
-    assert main(["--ckpt", str(small_ckpt), "--he", str(synthetic_dataset), "--split", "train", "--out", str(single),
-                 "--device", "cpu", "--no-progress"]) == 0
-    ddp_store, one_store = DatasetStore(out), DatasetStore(single)
-    mpp = one_store.resolutions("codex")[0]
-    for tid in ids:
-        np.testing.assert_allclose(ddp_store.image("codex", tid, mpp).read_all(), one_store.image("codex", tid, mpp).read_all(),
-                                   rtol=1e-5, atol=1e-6)
-    # rank 0 folded every rank's tissue into the shared tables
-    assert sorted(json.loads((out / "qc.json").read_text())["tissues"]) == sorted(ids)
-    assert sorted(ddp_store.tissue_ids()) == sorted(ids)
-    assert len(pd.read_csv(out / "qc.csv")) == len(ids) * len(MARKERS)
-    assert [p for p in ddp_store.validate() if p.severity == "error"] == []
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    _run(_cmd(small_ckpt, png, single, "--device", "cpu", "--stride", "2", "--tile-size", "16"))
+    from datamodules.store import DatasetStore
+    np.testing.assert_array_equal(DatasetStore(out).image("codex", "slide", 1.0).read_all(),
+                                  DatasetStore(single).image("codex", "slide", 1.0).read_all())
 
-    # interrupted run: one tissue lost its completion record (crash after its image was renamed)
-    lost, kept = ids[0], ids[1]
-    (out / "qc" / "tissues" / f"{lost}.json").unlink()
-    kept_mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if kept in p.name and p.is_file()}
-    proc = _predict(small_ckpt, synthetic_dataset, out, "--accelerator", "cpu", "--devices", "2")
-    assert _writes(proc) and [t for _, t in _writes(proc)] == [lost], "only the incomplete tissue is redone"
-    assert f"{kept}: already complete" in proc.stdout
-    assert {p: p.stat().st_mtime_ns for p in kept_mtimes} == kept_mtimes, "a complete tissue was rewritten"
-    assert sorted(json.loads((out / "qc.json").read_text())["tissues"]) == sorted(ids)
-
-
-def test_rerun_skips_complete_tissues_and_overwrite_redoes_them(small_ckpt, synthetic_dataset, tmp_path, capsys):
-    from experiments.rosie_predict import main
-
-    out = tmp_path / "pred"
-    args = ["--ckpt", str(small_ckpt), "--he", str(synthetic_dataset), "--split", "train", "--out", str(out),
-            "--device", "cpu", "--no-progress"]
-    assert main(args) == 0
-    first = capsys.readouterr().out
-    assert "patches/s" in first
-    records = sorted((out / "qc" / "tissues").glob("*.json"))
-    mtimes = [p.stat().st_mtime_ns for p in records]
-    assert main(args) == 0
-    second = capsys.readouterr().out
-    assert "patches/s" not in second and second.count("already complete") == len(records)
-    assert [p.stat().st_mtime_ns for p in records] == mtimes
-    assert main(args + ["--overwrite"]) == 0
-    assert "patches/s" in capsys.readouterr().out
-    assert [p.stat().st_mtime_ns for p in records] != mtimes
+    rerun = _run(cmd)
+    assert "already complete" in rerun.stdout

@@ -96,7 +96,7 @@ def plan_tissue(image: Any, predictor: PatchPredictor, out: str | os.PathLike, t
     writer = DatasetWriter.open(out, kind=PREDICTION, written_by="rosie_predict")
     official = options.stitching == "official"
     grid_stride = official_grid_stride(stride) if official else stride
-    rels = [layout.image_path(PREDICTED_MODALITY, float(mpp) * grid_stride, tissue_id)]
+    rels = [] if official else [layout.image_path(PREDICTED_MODALITY, float(mpp) * grid_stride, tissue_id)]
     if official or options.blend:
         rels.append(layout.image_path(PREDICTED_MODALITY, float(mpp), tissue_id))
     for rel in rels:

@@ -181,7 +181,8 @@ def prepare_tissue(out: str | os.PathLike, tissue_id: str, image: Any, mpp: floa
     counts = [int(fg[i0:i1, j0:j1].sum()) for i0, i1, j0, j1 in regions]
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist() if counts else []
     grid_mpp = float(mpp) * grid_stride
-    grid_rel = layout.image_path(PREDICTED_MODALITY, grid_mpp, tissue_id)
+    # the authors' grid (patches centred on its points) is an intermediate, kept only in the work folder
+    grid_rel = f"{work_rel(tissue_id)}/grid.zarr" if official else layout.image_path(PREDICTED_MODALITY, grid_mpp, tissue_id)
     native = official or options.blend
     plan = TissuePlan(
         out=str(out), tissue_id=tissue_id, he_shape=[int(h), int(w)], mpp=float(mpp), stride=stride,

@@ -30,6 +30,8 @@ from lightning_modules.rosie_inference.tile_plan import PlanFiles, TissuePlan, r
 from lightning_modules.rosie_inference.tiles import RunStats
 
 log = logging.getLogger(__name__)
+#: Which rank predicted which region, when, and the chunks it wrote (one CSV per tissue).
+REGION_LOG = "qc/regions"
 CELL_KEYS = ("cells", "sums", "count", "fg_count", "sum_y", "sum_x")
 
 
@@ -52,8 +54,12 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
     cells = CellAccumulator(files.cells, s, M) if plan.has_cells else None
     hist = np.zeros((3, 256), dtype=np.int64)
     stats = RunStats()
+    log_rows = []
     for k in range(len(plan.regions)):
         rec = files.read_record(k)
+        log_rows.append({"region": k, "rank": int(rec["rank"]), "n_patches": int(rec["n_patches"]),
+                         "seconds": float(rec["seconds"]), "written_at": float(rec["written_at"]),
+                         "chunks": " ".join(f"{a}.{b}" for a, b in rec["chunks"].tolist())})
         if len(rec["qc_rows"]):
             qc.rows.append(rec["qc_rows"])
         qc.nonfinite += int(rec["nonfinite"])
@@ -68,10 +74,11 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
 
     # the grid image: out of the work folder, into place
     fs, target = writer.fs, writer.target(plan.grid_rel)
-    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    if fs.exists(target):
-        fs.rm(target, recursive=True)
-    fs.mv(writer.target(plan.rel("grid.zarr")), target, recursive=True)
+    if plan.grid_rel != plan.rel("grid.zarr"):
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        fs.mv(writer.target(plan.rel("grid.zarr")), target, recursive=True)
     grid_mpp = plan.mpp * s
     native = plan.final_rel != plan.grid_rel
     if native:
@@ -90,7 +97,8 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
     entry = {
         "tissue_id": tid, "he_shape": [int(h), int(w)], "he_mpp": plan.mpp, "stride": plan.stride,
         "output_shape": [M, hout, wout] if not native else [M, int(h), int(w)],
-        "output_mpp": grid_mpp if not native else plan.mpp, "image": plan.final_rel, "grid_image": plan.grid_rel,
+        "output_mpp": grid_mpp if not native else plan.mpp, "image": plan.final_rel,
+        "grid_image": plan.grid_rel if plan.stitching == "grid" else None,
         "blend": plan.blend, "foreground_blocks": plan.n_fg, "foreground_fraction": float(fg.mean()),
         "n_patches": stats.n_patches, "seconds": round(stats.seconds, 3), "patches_per_s": nan_to_none(stats.patches_per_s),
         "throughput": stats.line(), "device": plan.meta.get("device"), "checkpoint": plan.meta.get("checkpoint"),
@@ -114,7 +122,7 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
         entry["cell_mask"] = layout.cell_mask_path(plan.mpp, tid)
         entry["cell_segmentation"] = dict(plan.segmentation)
     if cells is not None:
-        uns = {"stride": plan.stride, "he_mpp": plan.mpp, "image": plan.grid_rel,
+        uns = {"stride": plan.stride, "he_mpp": plan.mpp, "image": entry["grid_image"] or plan.final_rel,
                "checkpoint_sha256": plan.meta.get("checkpoint_sha256"), "model_mpp": plan.meta.get("model_mpp"),
                "output_mpp": grid_mpp}
         if plan.segmentation is not None:
@@ -125,6 +133,10 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
             adata.write_h5ad(tmp)
         entry["cells_h5ad"] = f"{tid}.cells.h5ad"
         entry["n_cells"] = int(adata.n_obs)
+    regions = pd.DataFrame(log_rows)
+    entry["region_ranks"] = {str(r): int(n) for r, n in regions["rank"].value_counts().sort_index().items()}
+    entry["region_log"] = f"{REGION_LOG}/{tid}.csv"
+    writer.write_bytes(entry["region_log"], regions.to_csv(index=False).encode())
     per_marker = pd.DataFrame({"tissue_id": tid, "marker": names, "dynamic_range": dr,
                                "w1_to_training_he": np.nan if w1 is None else w1})
     write_record(writer, tid, entry, per_marker, {"tissue_id": tid, **plan.tissue_row})
