@@ -13,7 +13,7 @@ VIRTUES_CONFIG ?= experiments/configs/virtues/synthetic.yaml
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-slow exp-rosie exp-virtues exp-virtues-downstream exp-matrix bench data-synthetic clean
+.PHONY: install test test-slow bench-gpu exp-rosie exp-virtues exp-virtues-downstream exp-matrix bench data-synthetic clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ PAPER ?= rosie
 MATRIX_ARGS ?=
 exp-matrix: install data-synthetic
 	$(PY) -m experiments.matrix --paper $(PAPER) $(MATRIX_ARGS)
+
+# GPU speed table (prints "no GPU" and exits 0 without one)
+bench-gpu: install
+	$(PY) -m benchmarks.gpu_suite
 
 bench: install
 	$(PY) -m benchmarks.datamodules_throughput

@@ -53,6 +53,7 @@ from datamodules.store import DatasetStore, StoreError, instance_ids
 from callbacks.rosie_prediction_writer import RosiePredictionWriter
 from datamodules.rosie_tiles import RosieTileDataModule
 from lightning_modules import rosie_inference as ri
+from lightning_modules.rosie_inference.speed import configure_for_speed
 from lightning_modules.tissue_jobs import TissueJob, parse_devices
 
 log = logging.getLogger("rosie_predict")
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes reading H&E regions (0: read in the main process)")
     p.add_argument("--mode", choices=["exact", "dense"], default="exact",
                    help="exact: every patch through the network; dense: the dense approximation (faster)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto/bf16: bf16 autocast on CUDA (weights and outputs stay fp32), fp32 on CPU; fp32: never autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU runs; the first batch compiles)")
     p.add_argument("--stitching", choices=["grid", "official"], default="grid",
                    help="grid: one prediction per stride block, white padding (this project); official: the authors' "
                         "script (stride halved, black padding, Gaussian splat at native resolution)")
@@ -320,7 +324,10 @@ def predict(args: argparse.Namespace) -> int:
         return 0
 
     predictor = ri.PatchPredictor.from_checkpoint(args.ckpt, official=True if args.official else None, device=args.device,
-                                                  trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale)
+                                                  trust_checkpoint=args.trust_checkpoint, rescale=not args.no_rescale,
+                                                  amp=args.precision != "fp32")
+    if args.compile:
+        configure_for_speed(predictor, "bf16" if predictor.amp else "fp32", channels_last=True, compile=True)
     model_mpp = predictor.meta.get("model_mpp")
     if model_mpp is None:
         log.info("%s states no H&E µm/px: the input resolution is not checked", args.ckpt)

@@ -14,6 +14,7 @@ from experiments.cli import VirtuplexCLI, run_cli
 from datamodules.he_histograms import training_he_histograms
 from datamodules.markers import ROSIE_PANEL
 from datamodules.rosie import RosieDataModule
+from datamodules.store import DatasetStore
 from lightning_modules.rosie import RosieModule
 
 
@@ -39,6 +40,9 @@ class RosieCLI(VirtuplexCLI):
         # the training slides' H&E histograms travel in the checkpoint (the W1 quality score)
         if self.model.reference_he_histograms is None:
             self.model.set_reference_histograms(training_he_histograms(self.datamodule.data_dirs))
+        # the H&E resolution the model learns at travels too: prediction refuses (or resamples) other µm/px
+        if self.model.hparams.get("he_mpp") is None:
+            self.model.hparams.he_mpp = float(DatasetStore(str(self.datamodule.data_dirs[0])).resolutions("he")[0])
 
 
 def main(args: list[str] | None = None) -> RosieCLI:

@@ -75,6 +75,8 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "rosie-inference": Command("benchmarks.rosie_inference", "ROSIE patches/s: model only and full prediction"),
         "rosie-memory": Command("benchmarks.rosie_predict_memory", "peak memory of predicting a 20k x 20k slide"),
         "virtues-attention": Command("benchmarks.virtues_attention", "factorised vs full attention, packed backends"),
+        "rosie-dense": Command("benchmarks.rosie_dense", "dense vs exact ROSIE: FLOPs per output pixel and agreement"),
+        "gpu": Command("benchmarks.gpu_suite", "GPU speed table of ROSIE and VirTues (exits 0 without a GPU)"),
         "virtues-vs-camae": Command("benchmarks.virtues_vs_camae", "Fig. 1e cost: VirTues vs CA-MAE at 10/20/40 markers"),
         "cell-segmentation": Command("benchmarks.cell_segmentation", "nucleus/cell object F1 and speed on the synthetic data"),
     },
