@@ -1,7 +1,7 @@
 """Whole-tissue jobs under Lightning ``predict``: many tissues over many devices, resumable.
 
-Used by ``experiments.rosie_predict`` (multiplex prediction from H&E) and
-``experiments.virtues_tokens`` (cell / niche / tissue tokens). One ``predict_step`` is one tissue:
+Used by ``experiments.virtues_tokens`` (cell / niche / tissue tokens); ROSIE prediction spreads one
+slide's regions over the ranks instead (``datamodules/rosie_tiles.py``). One ``predict_step`` is one tissue:
 the rank that draws it runs the same per-tissue function as the single-process CLI and writes every
 per-tissue file, each atomically, ending with a completion record. Lightning's predict sampler
 (`UnrepeatedDistributedSampler`) hands every tissue to exactly one rank, so no file has two
