@@ -3,7 +3,7 @@
     python -m experiments.data_ingest --image FILE_OR_FOLDER --modality imc --dataset NAME \\
         --tissue-id ID --out DIR [--channels CSV] [--mask F] [--cell-mask F] [--tissues-csv F] \\
         [--cells-csv F] [--resolution MPP] [--split train|val|test] [--patient-id P] \\
-        [--embeddings DIR] [--extend-panel] [--register-to-dapi CODEX_TISSUE_ID] [--overwrite]
+        [--embeddings DIR] [--extend-panel] [--register-to-dapi CODEX_TISSUE_ID] [--stream|--no-stream] [--overwrite]
 
 The method, and what is accepted and refused, is :mod:`datamodules.ingest`. Warnings (markers
 without a UniProt id or embedding, assumed pixel size, ...) are printed once as ``warning:`` lines;
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(H&E) register to the DAPI channel of this tissue's CODEX image and store it in that pixel grid")
     p.add_argument("--dapi-modality", default="codex")
     p.add_argument("--dapi-channel", help="name of the DAPI channel (default: DAPI/Hoechst/DNA/H3 by name)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="copy the image tile by tile (--stream) or read it whole (--no-stream); default: by size")
     p.add_argument("--overwrite", action="store_true", help="replace this tissue's image, masks and rows")
     return p
 
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cells_csv=args.cells_csv, resolution=args.resolution, split=args.split, patient_id=args.patient_id,
             overwrite=args.overwrite, embeddings=args.embeddings, extend_panel=args.extend_panel,
             register_to_dapi=args.register_to_dapi, dapi_modality=args.dapi_modality, dapi_channel=args.dapi_channel,
+            stream=args.stream,
         )
         for msg in result.warnings:
             print(f"warning: {msg}", file=sys.stderr)
