@@ -5,12 +5,17 @@
         [--cell-mask FILE | --segment he|dapi [--expand-um 2]] [--device auto|cpu|cuda] [--overwrite]
         [--accelerator auto|cpu|gpu --devices N [--num-nodes K] [--strategy ddp]]
 
-``--he`` is an H&E image file (TIFF/OME-TIFF/PNG/JPEG, RGB uint8; big TIFFs are read lazily) or a
-dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissues of a split.
-``OUT`` is a dataset folder (created or extended) holding the prediction as modality ``codex`` at
-``mpp × stride`` µm/px, plus ``qc.json``/``qc.csv`` (dynamic range per marker, W1 distance of the H&E
-histogram to the training set when known, patches/s), and optionally ``<tissue>.ome.tif`` and
-``<tissue>.cells.h5ad``. The sliding window, padding and foreground policies are documented in
+``--he`` is an H&E image file (RGB uint8: a whole-slide file OpenSlide reads — .svs, .ndpi, .mrxs,
+.scn, ... —, a tiled/pyramidal TIFF or OME-TIFF, PNG or JPEG; slides and TIFFs are read lazily, region
+by region, through :mod:`datamodules.slide_readers`, and the foreground thumbnail comes from a reduced
+pyramid level) or a dataset folder, with ``--tissue-id`` for one tissue or ``--split`` for all tissues
+of a split. The µm/px is ``--mpp``, else the file's (OME-XML, Aperio/OpenSlide MPP, TIFF resolution
+tags). ``OUT`` is a dataset folder (created or extended) holding the prediction as modality ``codex``
+at ``mpp × stride`` µm/px, with NGFF multiscales levels (2× block means down to
+``--pyramid-min-side`` px, default 512; level 0 is the prediction), plus ``qc.json``/``qc.csv``
+(dynamic range per marker, W1 distance of the H&E histogram to the training set when known,
+patches/s), and optionally ``<tissue>.ome.tif`` (tiled, with SubIFD pyramid levels by the same rule)
+and ``<tissue>.cells.h5ad``. The sliding window, padding and foreground policies are documented in
 :mod:`lightning_modules.rosie_inference`.
 
 Cells: per-cell mean expression (``<tissue>.cells.h5ad``, one row per cell) needs a cell mask at the
@@ -49,6 +54,7 @@ from analysis.outputs import looks_like_dataset
 from datamodules import layout
 from datamodules.command_line import run_command
 from datamodules.image_files import open_tiff, read_mask_file
+from datamodules.slide_readers import OPENSLIDE_SUFFIXES
 from datamodules.store import DatasetStore, StoreError, instance_ids
 from callbacks.rosie_prediction_writer import RosiePredictionWriter
 from datamodules.rosie_tiles import RosieTileDataModule
@@ -74,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=256, help="output px per streamed tile side (memory bound)")
     p.add_argument("--foreground", choices=["otsu", "all"], default="otsu",
                    help="blocks to predict: Otsu tissue mask (a dataset's stored tissue mask when present), or all")
-    p.add_argument("--ome-tiff", action="store_true", help="also write OUT/<tissue_id>.ome.tif")
+    p.add_argument("--ome-tiff", action="store_true", help="also write OUT/<tissue_id>.ome.tif (tiled, pyramidal)")
+    p.add_argument("--pyramid-min-side", type=int, default=ri.MIN_TOP_SIDE,
+                   help="output pyramids (OME-Zarr multiscales, OME-TIFF SubIFDs): levels halve until the longer side "
+                        "is at most this many px")
     p.add_argument("--blend", action="store_true", help="Gaussian overlap blend to native resolution (M, H, W)")
     p.add_argument("--blend-kernel", type=float, default=None, help="blend window in px (default 2 × stride)")
     p.add_argument("--cell-mask", default=None,
@@ -134,7 +143,7 @@ def load_cell_mask(path: str | Path) -> object:
 
 def _default_tissue_id(path: Path) -> str:
     stem = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg", ".svs", ".btf", ".bmp"):
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg", ".btf", ".bmp") + OPENSLIDE_SUFFIXES:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
@@ -193,6 +202,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         layout.check_mpp(args.mpp, "--mpp")
     if args.blend_kernel is not None and not 0 < args.blend_kernel <= 1024:
         raise ValueError(f"--blend-kernel {args.blend_kernel}: must be a window in px between 0 and 1024")
+    if not 8 <= args.pyramid_min_side <= 65536:
+        raise ValueError(f"--pyramid-min-side {args.pyramid_min_side}: must be between 8 and 65536 px")
     if args.num_nodes < 1:
         raise ValueError(f"--num-nodes {args.num_nodes}: must be >= 1")
     if not 0 <= args.expand_um <= 100:
@@ -276,7 +287,8 @@ def predict(args: argparse.Namespace) -> int:
     options = ri.PredictOptions(stride=args.stride, batch_size=args.batch_size, tile_size=args.tile_size,
                                 foreground="store" if args.foreground == "otsu" else "all", blend=args.blend,
                                 blend_kernel=args.blend_kernel, ome_tiff=args.ome_tiff, overwrite=args.overwrite,
-                                progress=not args.no_progress, stitching=args.stitching, mode=args.mode)
+                                progress=not args.no_progress, stitching=args.stitching, mode=args.mode,
+                                pyramid_min_side=args.pyramid_min_side)
     jobs: list = []
     if he.is_dir():
         if not looks_like_dataset(he):

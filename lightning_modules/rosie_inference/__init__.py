@@ -46,8 +46,9 @@ from lightning_modules.rosie_inference.he_input import (ArrayHE, HEInputError, a
                                                         open_he_image)
 from lightning_modules.rosie_inference.in_memory import Prediction, predict_image
 from lightning_modules.rosie_inference.options import PredictOptions
-from lightning_modules.rosie_inference.outputs import (CHUNK, PREDICTED_MODALITY, create_zarr_image, fsspec_root,
-                                                       local_output, open_zarr_image, write_ome_tiff)
+from lightning_modules.rosie_inference.outputs import (CHUNK, MIN_TOP_SIDE, PREDICTED_MODALITY, add_ngff_pyramid,
+                                                       create_zarr_image, fsspec_root, local_output, open_zarr_image,
+                                                       write_ome_tiff)
 from lightning_modules.rosie_inference.official_stitching import official_grid_stride, official_region
 from lightning_modules.rosie_inference.predictor import OFFICIAL_MPP, PatchPredictor, file_sha256, resolve_device
 from lightning_modules.rosie_inference.records import (RECORDS_DIR, is_complete, merge_records, read_record,
@@ -78,5 +79,5 @@ __all__ = [
     # outputs
     "CHUNK", "PREDICTED_MODALITY", "PredictOptions", "RECORDS_DIR", "check_prediction_target", "create_zarr_image",
     "fsspec_root", "is_complete", "local_output", "merge_records", "open_zarr_image", "predict_to_dataset",
-    "read_record", "record_path", "write_ome_tiff", "write_record",
+    "read_record", "record_path", "write_ome_tiff", "write_record", "MIN_TOP_SIDE", "add_ngff_pyramid",
 ]

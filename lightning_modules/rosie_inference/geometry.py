@@ -10,7 +10,8 @@ Foreground
     Only foreground blocks are run through the model; background blocks are 0 in the output and the
     foreground mask (at the output grid) is written beside it. The mask is an Otsu tissue mask
     (:func:`datamodules.preprocess.otsu_tissue_mask`) computed on a thumbnail (area-averaged, at
-    most ``thumbnail_max_px`` on the long side, read tile by tile), sampled at each block centre; a
+    most ``thumbnail_max_px`` on the long side, read tile by tile; from a reduced pyramid level when
+    the image is a slide reader with one), sampled at each block centre; a
     dataset's stored tissue mask is used instead when there is one (``foreground='store'`` in
     :class:`~lightning_modules.rosie_inference.options.PredictOptions`), and ``foreground='all'``
     runs every block.
@@ -76,6 +77,22 @@ def he_thumbnail(image: Any, factor: int, read_px: int = 2048) -> np.ndarray:
     return out
 
 
+def thumbnail(image: Any, max_side: int) -> tuple[np.ndarray, float]:
+    """``(3, h, w)`` uint8 overview with ``max(h, w) <= max_side`` and its downsample from full resolution.
+
+    A slide reader (:mod:`datamodules.slide_readers`) makes it from its coarsest fine-enough pyramid
+    level, so a 100,000² px slide is never read whole at full resolution for its foreground; any
+    other image is block-averaged from full resolution, read tile by tile. Without a pyramid both
+    give the same pixels (block means at the integer factor ``ceil(max(H, W) / max_side)``).
+    """
+    if callable(getattr(image, "thumbnail", None)):
+        small, factor = image.thumbnail(max_side)
+        return np.asarray(small), float(factor)
+    _, h, w = image.shape
+    factor = max(1, math.ceil(max(h, w) / max_side))
+    return he_thumbnail(image, factor), float(factor)
+
+
 def foreground_grid(image: Any, stride: int, method: str | np.ndarray = "otsu", thumbnail_max_px: int = 2048,
                     dilate_px: int = 0) -> np.ndarray:
     """``(Hout, Wout)`` bool: which blocks are run through the model.
@@ -92,12 +109,14 @@ def foreground_grid(image: Any, stride: int, method: str | np.ndarray = "otsu", 
     if isinstance(method, str):
         if method != "otsu":
             raise ValueError(f"foreground must be 'otsu', 'all' or a mask array, got {method!r}")
-        factor = max(1, math.ceil(max(h, w) / thumbnail_max_px))
-        mask = otsu_tissue_mask(he_thumbnail(image, factor), "he")
+        small, factor = thumbnail(image, thumbnail_max_px)
+        mask = otsu_tissue_mask(small, "he")
         if dilate_px > 0:
             r = max(1, math.ceil(dilate_px / factor))
             mask = ndimage.binary_dilation(mask, structure=np.ones((2 * r + 1, 2 * r + 1), bool))
-        return mask[np.minimum(cy // factor, mask.shape[0] - 1)][:, np.minimum(cx // factor, mask.shape[1] - 1)]
+        iy = np.minimum(np.floor(cy / factor).astype(np.int64), mask.shape[0] - 1)
+        ix = np.minimum(np.floor(cx / factor).astype(np.int64), mask.shape[1] - 1)
+        return mask[iy][:, ix]
     mask = np.asarray(method)
     if mask.shape != (h, w):
         raise ValueError(f"foreground mask shape {mask.shape} disagrees with the H&E image's {(h, w)}")

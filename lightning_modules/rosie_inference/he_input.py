@@ -1,7 +1,7 @@
 """H&E input for ROSIE prediction: open a file lazily, check it is RGB uint8, present one interface.
 
-Whatever the source (a TIFF/OME-TIFF read region by region, a PNG/JPEG, a dataset's OME-Zarr
-image, or an array in memory), the prediction loop only sees the store's ``ImageArray``
+Whatever the source (a whole-slide file or TIFF/OME-TIFF read region by region through
+:mod:`datamodules.slide_readers`, a PNG/JPEG, a dataset's OME-Zarr image, or an array in memory), the prediction loop only sees the store's ``ImageArray``
 interface: ``shape (3, H, W)``, ``dtype`` and ``read(y, x, h, w)``. The checks refuse what ROSIE
 cannot read *before* a model is loaded, with a message that says how to convert the image.
 """
@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from datamodules.image_files import (RASTER_SUFFIXES, DamagedImageError, check_regular_file, ome_mpp, open_tiff,
-                                     raster_properties, read_raster)
+from datamodules.image_files import RASTER_SUFFIXES, DamagedImageError, check_regular_file, raster_properties
+from datamodules.slide_readers import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, SlideReadError, open_slide
 
 
 class HEInputError(ValueError):
@@ -92,47 +91,35 @@ def check_store_he(image: Any, name: str) -> None:
     check_he(image.shape, image.shape[0], image.dtype, name)
 
 
-def open_he_image(path: str | os.PathLike) -> tuple[ArrayHE, float | None]:
+def open_he_image(path: str | os.PathLike) -> tuple[Any, float | None]:
     """Open an H&E image file lazily; returns the image and its µm/px when the file states it.
 
-    TIFF / OME-TIFF (any layout tifffile knows: RGB interleaved, planar, tiled, pyramidal — level 0 is
-    used) is opened through tifffile's Zarr interface, so only the regions read are decoded; a
-    truncated or inconsistent file is refused at open (:mod:`datamodules.image_files`).
-    PNG / JPEG are decoded whole (they are not tiled).
+    Every format :func:`datamodules.slide_readers.open_slide` reads: vendor slides through OpenSlide
+    (.svs, .ndpi, .mrxs, .scn, ...), TIFF / OME-TIFF (any layout tifffile knows: RGB interleaved,
+    planar, tiled, pyramidal) through tifffile's Zarr interface, and PNG / JPEG (decoded whole,
+    they are not tiled). Only the regions read are decoded, and the reader keeps the file's pyramid,
+    so the foreground thumbnail comes from a reduced level (:func:`~.geometry.foreground_grid`).
+    The µm/px is the reader's (OME-XML, an Aperio ``MPP``, OpenSlide's property or the TIFF
+    resolution tags); a truncated or inconsistent file is refused at open.
     """
-    path = check_regular_file(path, "H&E image")
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() in (".tif", ".tiff") else path.suffix.lower()
-    if suffix.endswith((".tif", ".tiff", ".svs", ".ndpi", ".btf")) or path.suffix.lower() in (".svs", ".btf"):
-        return _open_tiff(path)
-    if path.suffix.lower() in RASTER_SUFFIXES:
+    path = check_regular_file(path, "H&E image") if Path(path).suffix.lower() != ".mrxs" else Path(path)
+    suffix = path.suffix.lower()
+    if suffix in RASTER_SUFFIXES:  # check the header before decoding the whole image
         shape, dtype = raster_properties(path)
-        channels = 1 if len(shape) == 2 else shape[2]
-        check_he(shape, channels, dtype, str(path))
-        return ArrayHE(np.ascontiguousarray(read_raster(path)), "YXS", str(path)), None
-    raise HEInputError(f"{path}: unsupported H&E file type {path.suffix!r}; use TIFF/OME-TIFF, PNG or JPEG, "
-                       "or a dataset folder with --tissue-id")
-
-
-def _open_tiff(path: Path) -> tuple[ArrayHE, float | None]:
-    tif = open_tiff(path)
+        check_he(shape, 1 if len(shape) == 2 else shape[2], dtype, str(path))
+    elif suffix not in OPENSLIDE_SUFFIXES + TIFF_SUFFIXES:
+        raise HEInputError(f"{path}: unsupported H&E file type {path.suffix!r}; use a slide ({', '.join(OPENSLIDE_SUFFIXES)}), "
+                           "TIFF/OME-TIFF, PNG or JPEG, or a dataset folder with --tissue-id")
     try:
-        series = tif.series[0]
-        axes, shape, dtype = series.axes, tuple(series.shape), np.dtype(series.dtype)
-        if "S" not in axes:
-            axes = axes.replace("C", "S", 1) if "C" in axes else axes
-        if "Y" not in axes or "X" not in axes:
-            raise HEInputError(f"{path}: TIFF series has axes {series.axes!r}, no Y/X plane")
-        channels = shape[axes.index("S")] if "S" in axes else 1
-        extra = {a: n for a, n in zip(axes, shape) if a not in "YXS" and n > 1}
-        if extra:
-            raise HEInputError(f"{path}: TIFF has extra dimensions {extra} (axes {series.axes!r}); save a single RGB plane")
-        check_he(shape, channels, dtype, str(path))
-        array = zarr.open(series.aszarr(level=0), mode="r")
-        mpp = ome_mpp(tif.ome_metadata) if tif.is_ome else None
+        reader = open_slide(path)
+    except SlideReadError as exc:
+        raise HEInputError(str(exc)) from None
+    try:
+        check_he(reader.shape, reader.shape[0], reader.dtype, str(path))
     except BaseException:
-        tif.close()
+        reader.close()
         raise
-    return ArrayHE(array, axes, str(path), keep=tif), mpp
+    return reader, reader.mpp
 
 
 def as_he_image(image: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from datamodules.pyramids import MIN_TOP_SIDE
 from lightning_modules.rosie_inference.tiles import DEFAULT_TILE
 
 
@@ -31,3 +32,4 @@ class PredictOptions:
     qc_max_rows: int = 200_000
     stitching: str = "grid"
     mode: str = "exact"
+    pyramid_min_side: int = MIN_TOP_SIDE  # NGFF / OME-TIFF levels halve until the longer side is at most this

@@ -1,4 +1,4 @@
-"""Output files of a prediction: the float32 OME-Zarr image, the OME-TIFF copy, local temporaries.
+"""Output files of a prediction: the float32 OME-Zarr image and its pyramid, the OME-TIFF copy, local temporaries.
 
 Every file appears complete or not at all: the Zarr image is written under the dataset writer's
 temporary path (:meth:`datamodules.store.DatasetWriter.atomic_path`), the OME-TIFF and other
@@ -8,7 +8,9 @@ single files under a local temporary name that is renamed (or uploaded) when wri
 from __future__ import annotations
 
 import contextlib
+import html
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,7 @@ import tifffile
 import zarr
 from zarr.codecs import BloscCodec
 
+from datamodules.pyramids import MIN_TOP_SIDE, TIFF_TILE, write_ngff_pyramid, write_pyramidal_ome_tiff
 from datamodules.store import omero_attrs, zarr_store
 
 #: Output Zarr chunk side (output px); also the band height of the OME-TIFF copy and the blend.
@@ -83,21 +86,78 @@ def local_output(fs: Any, target: str, suffix: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str], mpp: float, band: int = CHUNK,
-                   description: str | None = None) -> None:
-    """Uncompressed float32 OME-TIFF (``CYX``, channel names, pixel size) copied band by band.
+def add_ngff_pyramid(fs: Any, path: str, min_top_side: int = MIN_TOP_SIDE) -> int:
+    """Add the NGFF multiscales levels (2× block means) to the OME-Zarr image at ``path``; returns the levels.
 
-    Memory-mapped (``tifffile.memmap``), so it is written in the order the Zarr image is read and
-    never held in memory; written under a temporary name and renamed.
+    Levels halve until the longer side is at most ``min_top_side`` px, so an image of at most that
+    side keeps one level (its ``multiscales`` metadata stays valid, listing dataset ``0`` only).
+    Level ``0`` is untouched: the store and every reader of the prediction read it alone
+    (:class:`datamodules.ome_zarr.ImageArray` opens ``0``; resolutions are folders, not levels).
+    """
+    return len(write_ngff_pyramid(fs.unstrip_protocol(path), min_top_side=min_top_side))
+
+
+class _ChannelTiles:
+    """A ``(M, H, W)`` array re-chunked to one channel per chunk, beside the OME-TIFF being written.
+
+    The OME-TIFF is written channel by channel; the output Zarr keeps all markers in one chunk,
+    so reading a tile of one channel would decode all of them (M times over). One pass copies the
+    image into ``(1, tile, tile)`` chunks (each source chunk decoded once), read back per channel.
+    """
+
+    def __init__(self, image: Any, folder: str, tile: int):
+        m, h, w = image.shape
+        self.array = zarr.create_array(store=folder, shape=(m, h, w), dtype=image.dtype, chunks=(1, min(tile, h), min(tile, w)),
+                                       compressors=BloscCodec(typesize=4, cname="lz4", clevel=1, shuffle="bitshuffle"),
+                                       fill_value=0)
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                self.array[:, y : y + tile, x : x + tile] = np.asarray(image[:, y : y + tile, x : x + tile])
+        self.shape = (m, h, w)
+        self.dtype = np.dtype(image.dtype)
+
+    def read(self, y: int, x: int, h: int, w: int, channels: Sequence[int] | None = None) -> np.ndarray:
+        if channels is None:
+            return np.asarray(self.array[:, y : y + h, x : x + w])
+        return np.stack([np.asarray(self.array[c, y : y + h, x : x + w]) for c in channels])
+
+
+def ome_tiff_tile(h: int, w: int) -> int:
+    """TIFF tile side: :data:`TIFF_TILE` px, or the image's longer side rounded up to 16 when smaller."""
+    return min(TIFF_TILE, max(16, -(-max(h, w) // 16) * 16))
+
+
+def write_ome_tiff(fs: Any, target: str, image: Any, channel_names: Sequence[str], mpp: float,
+                   description: str | None = None, min_top_side: int = MIN_TOP_SIDE) -> int:
+    """Tiled, pyramidal float32 OME-TIFF (``CYX``, channel names, pixel size) of a ``(M, H, W)`` array.
+
+    Written by :func:`datamodules.pyramids.write_pyramidal_ome_tiff` tile by tile (512 px tiles,
+    uncompressed like the Zarr chunks' raw floats would barely shrink): full resolution plus SubIFD
+    levels halving until the longer side is at most ``min_top_side`` px (so ≥ 2 levels above
+    ``min_top_side``). ``description`` (provenance) goes into the OME-XML. Written under a local
+    temporary name and renamed (or uploaded): the file appears complete or not at all. Returns the
+    number of levels.
     """
     m, h, w = image.shape
-    meta = {"axes": "CYX", "Channel": {"Name": [str(c) for c in channel_names]},
-            "PhysicalSizeX": float(mpp), "PhysicalSizeXUnit": "µm", "PhysicalSizeY": float(mpp), "PhysicalSizeYUnit": "µm"}
-    if description:
-        meta["Description"] = description
+    tile = ome_tiff_tile(h, w)
     with local_output(fs, target, ".ome.tif") as tmp:
-        mm = tifffile.memmap(tmp, shape=(m, h, w), dtype="float32", ome=True, metadata=meta, photometric="minisblack")
-        for y in range(0, h, band):
-            mm[:, y : y + band] = np.asarray(image[:, y : y + band])
-        mm.flush()
-        del mm
+        work = tempfile.mkdtemp(prefix=".ome-tiff-", dir=os.path.dirname(tmp))
+        try:
+            source = _ChannelTiles(image, os.path.join(work, "channels.zarr"), tile)
+            levels = write_pyramidal_ome_tiff(source, tmp, mpp, [str(c) for c in channel_names], tile=tile,
+                                              compression=None, min_top_side=min_top_side, workdir=work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if description:
+            _set_description(tmp, description)
+    return len(levels)
+
+
+def _set_description(path: str, description: str) -> None:
+    """Put ``description`` into the OME-XML ``Image`` (before ``Pixels``, where the schema wants it)."""
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages[0].description
+    if "<Pixels " not in xml:
+        return
+    xml = xml.replace("<Pixels ", f"<Description>{html.escape(description, quote=False)}</Description><Pixels ", 1)
+    tifffile.tiffcomment(path, comment=xml.encode("utf-8"), pageindex=0)

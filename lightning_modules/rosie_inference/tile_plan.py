@@ -36,6 +36,7 @@ import numpy as np
 
 from datamodules import layout
 from datamodules.provenance import PREDICTION
+from datamodules.pyramids import MIN_TOP_SIDE
 from datamodules.store import DatasetWriter
 from lightning_modules.rosie_inference.accumulators import cell_contribution, he_histogram_counts
 from lightning_modules.rosie_inference.geometry import PATCH_SIZE, check_stride, foreground_grid, output_shape
@@ -92,6 +93,7 @@ class TissuePlan:
     segmentation: dict | None
     fingerprint: str
     version: int = PLAN_VERSION
+    pyramid_min_side: int = MIN_TOP_SIDE  # output pyramids: levels halve until the longer side is at most this
 
     @property
     def work(self) -> str:
@@ -161,6 +163,9 @@ def prepare_tissue(out: str | os.PathLike, tissue_id: str, image: Any, mpp: floa
                 "tile": region, "mode": getattr(options, "mode", "exact"), "names": list(names),
                 "checkpoint": meta.get("checkpoint_sha256") or meta.get("checkpoint"), "rescaled": meta.get("rescaled"),
                 "cells": cell_mask is not None, "ome_tiff": bool(options.ome_tiff), "source": identity or source}
+    pyramid_side = int(getattr(options, "pyramid_min_side", MIN_TOP_SIDE))
+    if pyramid_side != MIN_TOP_SIDE:  # the default leaves the fingerprints of earlier plans as they were
+        settings["pyramid_min_side"] = pyramid_side
     fp = fingerprint(settings)
     old = None if fresh else load_plan(out, tissue_id)
     if old is not None and old.fingerprint == fp:
@@ -193,7 +198,7 @@ def prepare_tissue(out: str | os.PathLike, tissue_id: str, image: Any, mpp: floa
         stitching=stitching, blend=bool(options.blend) and not official, blend_kernel=options.blend_kernel,
         ome_tiff=bool(options.ome_tiff), has_cells=cell_mask is not None, source=dict(source), meta=dict(meta),
         tissue_row=dict(tissue_row or {}), channel_rows=dict(channel_rows or {}), segmentation=segmentation,
-        fingerprint=fp)
+        fingerprint=fp, pyramid_min_side=pyramid_side)
     _save_npy(writer, plan.rel("foreground.npy"), fg)
     if cell_mask is not None:
         _copy_mask(writer, plan.rel("cells.npy"), cell_mask)

@@ -3,9 +3,11 @@
 Runs once per tissue, in one process, after every region of the tissue has its record
 (:mod:`~lightning_modules.rosie_inference.tile_plan`). Records are read in region order, so the
 QC sample, the H&E histogram and the float64 per-cell sums are the same whether one process or
-many predicted the regions. The grid image is moved out of the work folder into place; the
+many predicted the regions. The grid image gets its NGFF pyramid (levels halving down to
+``plan.pyramid_min_side`` px) and is moved out of the work folder into place; the
 native-resolution image (``--blend`` or ``--stitching official``) is computed from it one chunk at
-a time; the tissue's completion record is written last and the work folder removed.
+a time, and gets its pyramid before it is renamed into place; the tissue's completion record is
+written last and the work folder removed.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from datamodules.markers import match_markers
 from lightning_modules.rosie_inference.accumulators import CellAccumulator, QCSample
 from lightning_modules.rosie_inference.blend import blend_region
 from lightning_modules.rosie_inference.official_stitching import official_region
-from lightning_modules.rosie_inference.outputs import (CHUNK, PREDICTED_MODALITY, create_zarr_image, local_output,
-                                                       open_zarr_image, write_ome_tiff)
+from lightning_modules.rosie_inference.outputs import (CHUNK, MIN_TOP_SIDE, PREDICTED_MODALITY, add_ngff_pyramid,
+                                                       create_zarr_image, local_output, open_zarr_image, write_ome_tiff)
 from lightning_modules.rosie_inference.records import merge_records, write_record
 from lightning_modules.rosie_inference.tile_plan import PlanFiles, TissuePlan, remove_work
 from lightning_modules.rosie_inference.tiles import RunStats
@@ -75,6 +77,8 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
     # the grid image: out of the work folder, into place
     fs, target = writer.fs, writer.target(plan.grid_rel)
     if plan.grid_rel != plan.rel("grid.zarr"):
+        pyramid_side = getattr(plan, "pyramid_min_side", MIN_TOP_SIDE)
+        add_ngff_pyramid(fs, writer.target(plan.rel("grid.zarr")), pyramid_side)  # before the move: placed complete
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         if fs.exists(target):
             fs.rm(target, recursive=True)
@@ -114,9 +118,10 @@ def finish_tissue(files: PlanFiles, update_shared: bool = True, quiet: bool = Fa
     }
     if plan.ome_tiff:
         out_tif = writer.target(f"{tid}.ome.tif")
-        write_ome_tiff(fs, out_tif, open_zarr_image(fs, writer.target(plan.final_rel)), names, entry["output_mpp"],
-                       description=describe(plan))
+        levels = write_ome_tiff(fs, out_tif, open_zarr_image(fs, writer.target(plan.final_rel)), names, entry["output_mpp"],
+                                description=describe(plan), min_top_side=getattr(plan, "pyramid_min_side", MIN_TOP_SIDE))
         entry["ome_tiff"] = f"{tid}.ome.tif"
+        entry["ome_tiff_levels"] = levels
     if plan.segmentation is not None:
         writer.write_cell_mask(tid, plan.mpp, np.asarray(files.cells))
         entry["cell_mask"] = layout.cell_mask_path(plan.mpp, tid)
@@ -162,6 +167,7 @@ def _write_native(files: PlanFiles, fg: np.ndarray, shape: tuple[int, int, int])
                     out[:, y : y + bh, x : x + bw] = official_region(grid, fg, y, x, bh, bw, plan.stride)
                 else:
                     out[:, y : y + bh, x : x + bw] = blend_region(grid, fg, y, x, bh, bw, plan.stride, plan.blend_kernel)
+        add_ngff_pyramid(writer.fs, tmp, getattr(plan, "pyramid_min_side", MIN_TOP_SIDE))
 
 
 def nan_to_none(x: float | None) -> float | None:
