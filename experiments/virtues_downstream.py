@@ -78,7 +78,8 @@ def analysis_steps(out: Path, ckpt: str, cohort: Path, seed: int) -> list[Step]:
               "--no-progress", "--out", str(tok["discovery_shared"])), False),
         Step("tokens_panel_b_shared", "experiments.virtues_tokens",
              (*token_args, "--data", str(d["panel_b"]), "--channels-from", str(d["discovery"]),
-              "--out", str(tok["panel_b_shared"])), False),
+              # the checkpoint's marker table names panel A's markers: their embeddings live with panel A
+              "--embeddings", str(d["discovery"] / "marker_embeddings"), "--out", str(tok["panel_b_shared"])), False),
         Step("biomarkers", "experiments.virtues_biomarkers",
              ("--tokens", str(tok["discovery"]), "--data", str(d["discovery"]), "--out", str(out / "biomarkers"),
               "--resolutions", "1.0:2.0:0.1", "--seed", s)),
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     cohort = Path(args.cohort)
     if not (cohort / "cohort.json").exists():
         print(f"[cohort] generating the synthetic cohort into {cohort}", flush=True)
-        generate_cohort(cohort, seed=args.seed, workers=args.workers, overwrite=cohort.exists())
+        generate_cohort(cohort, n_validation=args.validation, seed=args.seed, workers=args.workers,
+                        overwrite=cohort.exists())
     manifest = read_cohort_manifest(cohort)
     ckpt = pretrain(args, out, cohort_paths(cohort)["discovery"])
     steps = analysis_steps(out, ckpt, cohort, args.seed)
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainer-arg", action="append", default=[], help="extra LightningCLI args")
     parser.add_argument("--only", default=None, help="run only these steps (comma-separated)")
     parser.add_argument("--workers", type=int, default=2, help="processes for generating the cohort")
+    parser.add_argument("--validation", type=int, default=80,
+                        help="independent patients when generating the cohort (80: enough events for the log-rank test)")
     parser.add_argument("--strict", action="store_true", help="stop at the first failing analysis")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
