@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import pandas as pd
 
 PAPER = {"multivariate_auroc": 0.817, "univariate_auroc": "0.783 / 0.707 / 0.599 / 0.577 (RS1, RS2, NRS1, NRS2)",
@@ -78,6 +79,42 @@ def biomarker_section(out: Path) -> tuple[list[str], str]:
     ok = auc is not None and base is not None and auc >= 0.7 and auc > base
     return lines, _check("discovered biomarkers predict response (AUROC ≥ 0.7, above the best ratio)", ok,
                          f"AUROC {_fmt(auc)} vs {s.get('best_baseline')} {_fmt(base)}")
+
+
+def niche_section(out: Path, manifest: dict) -> tuple[list[str], str]:
+    """Which planted niches the signatures' cells come from (the generator's ground truth, unseen by the analysis)."""
+    members = out / "biomarkers" / "signature_cells.parquet"
+    cells_dir = out / "tokens_discovery" / "cells"
+    if not members.exists() or not cells_dir.exists():
+        return [], _check("response signatures enriched in the planted response niches", None, "not run")
+    m = pd.read_parquet(members)
+    obs = pd.concat([ad.read_h5ad(f, backed="r").obs for f in sorted(cells_dir.glob("*.h5ad"))])
+    if "niche" not in obs:
+        return [], _check("response signatures enriched in the planted response niches", None, "no niche labels")
+    obs.index = obs["tissue_id"].astype(str) + ":" + obs["cell_id"].astype(str)
+    niche = obs["niche"].astype(str).reindex(m.index)
+    response, non_response = set(manifest.get("response_niches", [])), set(manifest.get("non_response_niches", []))
+    rows = [{"signature": "all pre-treatment cells", "n_cells": len(niche),
+             "response_niches": niche.isin(response).mean(), "non_response_niches": niche.isin(non_response).mean()}]
+    for name in [c for c in m.columns if c.startswith(("RS", "NRS"))]:
+        sel = m[name].astype(bool)
+        rows.append({"signature": name, "n_cells": int(sel.sum()), "response_niches": niche[sel].isin(response).mean(),
+                     "non_response_niches": niche[sel].isin(non_response).mean()})
+    table = pd.DataFrame(rows)
+    base = table.iloc[0]
+    rs = table[table["signature"].str.startswith("RS")]
+    nrs = table[table["signature"].str.startswith("NRS")]
+    ok_rs = bool((rs["response_niches"] > base["response_niches"]).all())
+    ok_nrs = bool((nrs["non_response_niches"] > base["non_response_niches"]).all())
+    lines = ["### Where the signatures' cells come from (planted niches; ground truth the analysis never saw)", "",
+             *_table(table), ""]
+    rs_detail = (f"{', '.join(f'{v:.0%}' for v in rs['response_niches'])} response-niche cells vs "
+                 f"{base['response_niches']:.0%} of all pre-treatment cells")
+    nrs_detail = (f"{', '.join(f'{v:.0%}' for v in nrs['non_response_niches'])} non-response-niche cells vs "
+                  f"{base['non_response_niches']:.0%} of all pre-treatment cells")
+    return lines, "\n".join([_check("response signatures (RS) come from the planted response niches", ok_rs, rs_detail),
+                              _check("non-response signatures (NRS) come from the planted non-response niches", ok_nrs,
+                                     nrs_detail)])
 
 
 def transfer_section(out: Path) -> tuple[list[str], str]:
@@ -154,10 +191,15 @@ def attention_section(out: Path) -> list[str]:
 def write_downstream_report(out: Path, manifest: dict, ckpt: str, failures: dict[str, str], minutes: float,
                             argv: list[str]) -> Path:
     sections, checks = [], []
-    for build in (biomarker_section, transfer_section):
-        lines, check = build(out)
-        sections += lines
-        checks.append(check)
+    lines, check = biomarker_section(out)
+    sections += lines
+    checks.append(check)
+    lines, check = niche_section(out, manifest)
+    sections += lines
+    checks.append(check)
+    lines, check = transfer_section(out)
+    sections += lines
+    checks.append(check)
     lines, check = treatment_section(out, manifest)
     sections += lines
     checks.append(check)
@@ -167,9 +209,12 @@ def write_downstream_report(out: Path, manifest: dict, ckpt: str, failures: dict
         checks.append(check)
     sections += attention_section(out)
     pretrain = _json(out / "pretrain.step-done.json")
-    head = [f"# VirTues downstream science on the synthetic cohort", "",
-            f"Cohort: {manifest.get('datasets', {})}. Model: `{ckpt}`"
-            + (f" ({pretrain.get('steps')} pretraining steps)" if pretrain else "") + f"; total {minutes:.1f} min.", "",
+    steps_s = sum(_json(p).get("seconds", 0.0) for p in out.glob("*.step-done.json"))  # across resumed runs too
+    sizes = {k: {n: v.get(n) for n in ("n_patients", "n_tissues", "n_cells")} for k, v in manifest.get("datasets", {}).items()}
+    head = ["# VirTues downstream science on the synthetic cohort", "",
+            f"Cohort: {sizes}. Model: `{ckpt}`"
+            + (f" ({pretrain.get('steps')} pretraining steps)" if pretrain else "")
+            + f"; steps took {steps_s / 60:.1f} min in all (this invocation {minutes:.1f} min).", "",
             "## What was planted, and was it found", "", "| check | found | detail |", "|---|---|---|", *checks, ""]
     if failures:
         head += ["## Steps that failed", "", *(f"- `{k}`: {v}" for k, v in failures.items()), ""]
