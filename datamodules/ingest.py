@@ -202,10 +202,10 @@ def read_source(image: Path, modality: str, channels: str | Path | None, warning
                 stream: bool | None = None) -> SourceImage:
     """The image as (C,Y,X) with its channel rows; every check that needs only the file."""
     table_path = Path(channels) if channels is not None else None
-    table = read_channel_table(table_path) if table_path is not None else None
     if image.exists() and should_stream(image, stream):
-        return _lazy_source(image, modality, table, table_path, warnings)
-    loaded = read_any(image)
+        return _lazy_source(image, modality, table_path, warnings)
+    loaded = read_any(image)  # the image's own damage is named first, before the channel table's
+    table = read_channel_table(table_path) if table_path is not None else None
     if modality == HE:
         arr = normalise_he(loaded)
         channel_df = pd.DataFrame({"channel_name": ["R", "G", "B"], "uniprot_id": pd.array([None] * 3, dtype="string"),
@@ -222,10 +222,10 @@ def read_source(image: Path, modality: str, channels: str | Path | None, warning
     return SourceImage(arr, channel_df, loaded.mpp, loaded.source)
 
 
-def _lazy_source(image: Path, modality: str, table: pd.DataFrame | None, table_path: Path | None,
-                 warnings: list[str]) -> SourceImage:
+def _lazy_source(image: Path, modality: str, table_path: Path | None, warnings: list[str]) -> SourceImage:
     """The header checks of :func:`read_source` on a lazily opened image; pixels are checked while copied."""
     reader = open_source(image)
+    table = read_channel_table(table_path) if table_path is not None else None
     if modality == HE:
         check_lazy_he(reader, str(image))
         channel_df = pd.DataFrame({"channel_name": ["R", "G", "B"], "uniprot_id": pd.array([None] * 3, dtype="string"),

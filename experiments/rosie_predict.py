@@ -402,13 +402,13 @@ def predict(args: argparse.Namespace) -> int:
     datamodule = RosieTileDataModule(args.out, [job.tissue_id for job in todo],
                                      prepare=lambda: [prepare_job(job) for job in todo], num_workers=args.num_workers)
     writer = RosiePredictionWriter(args.out, on_tissue=report)
-    torch.set_grad_enabled(False)
     strategy = args.strategy or ("ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto")
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
                         callbacks=[writer], logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=not args.no_progress, inference_mode=True)
-    trainer.predict(ri.RosieTilePredictor(predictor, args.batch_size, args.mode), datamodule=datamodule,
-                    return_predictions=False)
+    with torch.no_grad():  # scoped: a caller in the same process (a test, an experiment driver) keeps its autograd
+        trainer.predict(ri.RosieTilePredictor(predictor, args.batch_size, args.mode), datamodule=datamodule,
+                        return_predictions=False)
     return 0
 
 

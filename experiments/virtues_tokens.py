@@ -195,10 +195,12 @@ def model_for_tokens(store, args: argparse.Namespace) -> tuple[torch.nn.Module, 
     blur = prepared.data_hparams.get("blur")
     if blur is not None and bool(blur) != args.blur:
         log.warning("the checkpoint trained with blur=%s but --%sblur was given", blur, "" if args.blur else "no-")
-    wanted = args.channels.split(",") if args.channels else None
-    other = DatasetStore(args.channels_from) if args.channels_from else None
+    # other commands (retrieval, attention) share this loader without the channel-subset options
+    channels_arg, channels_from = getattr(args, "channels", None), getattr(args, "channels_from", None)
+    wanted = channels_arg.split(",") if channels_arg else None
+    other = DatasetStore(channels_from) if channels_from else None
     channels, marker_rows = select_channels(store, args.modality, prepared.channels, prepared.marker_rows, wanted, other,
-                                            args.channels_from_modality)
+                                            getattr(args, "channels_from_modality", None) or args.modality)
     return prepared.model, channels, marker_rows, prepared.device
 
 

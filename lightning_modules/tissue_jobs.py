@@ -106,14 +106,14 @@ def run_tissue_jobs(worker: TissueWorker, jobs: Sequence[TissueJob], run_job: Ca
                     num_nodes: int = 1, strategy: str | None = None, progress: bool = True) -> list[str]:
     """Run ``jobs`` with a Lightning Trainer over ``devices`` × ``num_nodes``; returns the tissue ids
     this process wrote. ``strategy`` defaults to ddp when more than one device or node is asked for."""
-    torch.set_grad_enabled(False)
     if strategy is None:
         strategy = "ddp" if devices not in (1, "1") or num_nodes > 1 else "auto"
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, inference_mode=True)
     module = TissueJobModule(worker, run_job, merge)
-    trainer.predict(module, dataloaders=job_loader(jobs, trainer.world_size), return_predictions=False)
+    with torch.no_grad():  # scoped, so a caller in the same process keeps its autograd state
+        trainer.predict(module, dataloaders=job_loader(jobs, trainer.world_size), return_predictions=False)
     return module.written
 
 
