@@ -166,7 +166,7 @@ def cross_panel_section(out: Path) -> tuple[list[str], str]:
     return lines, _check("cross-panel transfer F1 above chance for every class", ok, "random forest on shared-marker tokens")
 
 
-def tme_section(out: Path) -> tuple[list[str], str]:
+def tme_section(out: Path, manifest: dict) -> tuple[list[str], str]:
     table = _csv(out / "tme" / "risk_ratios.csv")
     risk = _csv(out / "risk" / "summary.csv")
     if table is None and risk is None:
@@ -177,7 +177,17 @@ def tme_section(out: Path) -> tuple[list[str], str]:
     if table is not None:
         lines += _table(table, rows=20) + ["", f"Paper: {PAPER['tme_rr']}.", ""]
     lines += [*_figures(out, "risk", 2), *_figures(out, "tme", 2), ""]
-    return lines, _check("TME structures' risk ratios (see table)", None, "direction compared by eye to the planted risk")
+    risk = manifest.get("validation_risk", {})
+    ok, detail = None, "no planted risk in the manifest"
+    if table is not None and risk:
+        ours = table[table["stratification"] == "virtues_cell_tokens"].set_index("structure")["risk_ratio"]
+        adverse = [ours.get(f"has_{n}") for n in risk.get("risk_niches", [])]
+        protective = [ours.get(f"has_{n}") for n in risk.get("protective_niches", [])]
+        if None not in adverse + protective:
+            ok = all(v > 1 for v in adverse) and all(v < 1 for v in protective)
+            detail = (f"high-risk group: adverse niches RR {', '.join(_fmt(v) for v in adverse)}, protective "
+                      f"{', '.join(_fmt(v) for v in protective)}")
+    return lines, _check("TME risk ratios point the planted way (adverse > 1, protective < 1)", ok, detail)
 
 
 def attention_section(out: Path) -> list[str]:
@@ -203,10 +213,12 @@ def write_downstream_report(out: Path, manifest: dict, ckpt: str, failures: dict
     lines, check = treatment_section(out, manifest)
     sections += lines
     checks.append(check)
-    for build in (tme_section, cross_panel_section):
-        lines, check = build(out)
-        sections += lines
-        checks.append(check)
+    lines, check = tme_section(out, manifest)
+    sections += lines
+    checks.append(check)
+    lines, check = cross_panel_section(out)
+    sections += lines
+    checks.append(check)
     sections += attention_section(out)
     pretrain = _json(out / "pretrain.step-done.json")
     steps_s = sum(_json(p).get("seconds", 0.0) for p in out.glob("*.step-done.json"))  # across resumed runs too
