@@ -145,10 +145,18 @@ def treatment_section(out: Path, manifest: dict) -> tuple[list[str], str]:
             lines += [f"`{name}`", "", *_table(table), ""]
     lines += [f"Planted: {manifest.get('treatment_shift_direction', manifest.get('treatment_shift', ''))}", "",
               *_figures(out, "treatment"), ""]
-    # planted: responders' treatment moves their cell states more (activation, tumour loss) than non-responders'
+    # planted: responders and non-responders shift in different directions (activation and tumour loss vs
+    # suppressive macrophages and exhausted T cells); also reported: whether responders' W2 is the larger
+    contrast = s.get("contrast", {}).get("virtues_cell_tokens", {})
+    angles = {k: v.get("displacement_angle_deg") for k, v in contrast.items() if isinstance(v, dict)}
+    differs = None if not angles else any(a is not None and a >= 90 for a in angles.values())
+    angle_text = ", ".join(f"{k} {a:.0f}°" for k, a in angles.items() if a is not None)
     ok = s.get("responders_shift_more")
-    return lines, _check("responders' cell states shift more under treatment than non-responders' (as planted)",
-                         None if ok is None else bool(ok), str(s.get("direction_detail", "")))
+    return lines, "\n".join([
+        _check("responders' and non-responders' barycentres move in different directions (angle ≥ 90°)", differs,
+               f"angle between the cohorts' displacements: {angle_text}"),
+        _check("responders' cell states shift more (W2) than non-responders'", None if ok is None else bool(ok),
+               str(s.get("direction_detail", "")))])
 
 
 def cross_panel_section(out: Path) -> tuple[list[str], str]:
