@@ -88,6 +88,8 @@ print(json.dumps({"output_shape": entry["output_shape"], "n_patches": entry["n_p
 
 
 def measure(size: int = 100_000, islands: int = 1, radius: int = 2300, workdir: Path | None = None) -> dict:
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # a named scratch folder need not exist yet
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -95,6 +95,8 @@ def measure(size: int = 20_000, channels: int = 40, tissue_fraction: float = 0.1
     from datamodules.store import DatasetStore
 
     plex = SyntheticPlex(channels, size, tissue_fraction)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # a named scratch folder need not exist yet
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()

@@ -209,24 +209,13 @@ def attention_section(out: Path) -> list[str]:
 def write_downstream_report(out: Path, manifest: dict, ckpt: str, failures: dict[str, str], minutes: float,
                             argv: list[str]) -> Path:
     sections, checks = [], []
-    lines, check = biomarker_section(out)
-    sections += lines
-    checks.append(check)
-    lines, check = niche_section(out, manifest)
-    sections += lines
-    checks.append(check)
-    lines, check = transfer_section(out)
-    sections += lines
-    checks.append(check)
-    lines, check = treatment_section(out, manifest)
-    sections += lines
-    checks.append(check)
-    lines, check = tme_section(out, manifest)
-    sections += lines
-    checks.append(check)
-    lines, check = cross_panel_section(out)
-    sections += lines
-    checks.append(check)
+    builds = (lambda: biomarker_section(out), lambda: niche_section(out, manifest), lambda: transfer_section(out),
+              lambda: treatment_section(out, manifest), lambda: tme_section(out, manifest),
+              lambda: cross_panel_section(out))
+    for build in builds:
+        lines, check = build()
+        sections += lines
+        checks.append(check)
     sections += attention_section(out)
     pretrain = _json(out / "pretrain.step-done.json")
     steps_s = sum(_json(p).get("seconds", 0.0) for p in out.glob("*.step-done.json"))  # across resumed runs too
