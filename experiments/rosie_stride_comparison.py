@@ -89,7 +89,7 @@ def plot(he: np.ndarray, measured: np.ndarray, coarse: np.ndarray, fine: np.ndar
         panels = [np.moveaxis(he[:, crop[0], crop[1]], 0, -1), measured[m][crop], coarse_native[m][crop], fine[m][crop]]
         for col, (img, title) in enumerate(zip(panels, ["H&E", "measured", f"stride {coarse_stride}", "stride 1"])):
             ax = axes[row, col]
-            ax.imshow(img if col == 0 else img, cmap=None if col == 0 else "magma")
+            ax.imshow(img, cmap=None if col == 0 else "magma")
             ax.set_title(title if col == 0 else f"{names[m]}: {title}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
